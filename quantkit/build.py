@@ -1,0 +1,182 @@
+"""The build orchestrator: recipe -> source -> (calibration) -> each format -> evaluation -> store -> rows.
+
+It knows formats only through the registry. An artifact is keyed by everything that decides its bytes
+(format options, source and calibration fingerprints, library versions); an artifact already in the store is
+not rebuilt, and a measurement already stored under the same protocol key is not repeated.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from quantkit.context import BuildContext
+from quantkit.errors import UserError
+from quantkit.evaluation.engines import get_engine
+from quantkit.evaluation.perplexity import make_windows, perplexity, window_key
+from quantkit.formats import Format, TargetOptions, get_format
+from quantkit.recipe.loader import LoadedRecipe
+from quantkit.sources.resolve import resolve_source
+from quantkit.store.store import Store
+from quantkit.util import dist_version, host_info, library_versions, peak_rss_mb, sha256_json
+import quantkit
+
+BASELINE = "baseline"
+
+
+@dataclass
+class Plan:
+    fmt: Format
+    opts: TargetOptions
+    key: str
+    artifact_id: str
+
+
+@dataclass
+class BuildResult:
+    manifests: list[dict]
+    built: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)  # per-stage wall time and peak RSS, for the bench script
+
+
+def store_uri(loaded: LoadedRecipe, override: str | None) -> str:
+    import os
+
+    uri = override or os.environ.get("QUANTKIT_STORE") or loaded.recipe.store.uri
+    if "://" not in uri and not Path(uri).is_absolute():
+        uri = str(Path.cwd() / uri)
+    return uri
+
+
+def _plans(ctx: BuildContext, only: str | None) -> list[Plan]:
+    targets = list(ctx.loaded.targets)
+    if ctx.recipe.baseline:
+        targets.insert(0, get_format(BASELINE).Options(name=BASELINE, format=BASELINE))
+    names = [t.name for t in targets]
+    if only is not None and only not in names:
+        raise UserError(f"--target {only!r} is not in recipe {ctx.recipe.name}; targets: {', '.join(names)}")
+    plans = []
+    for t in targets:
+        fmt = get_format(t.format)
+        for v in fmt.variants(t):
+            if only is not None and t.name != only and v.name != BASELINE:
+                continue
+            versions = {lib: dist_version(lib) for lib in fmt.libraries}
+            key = sha256_json({"format": fmt.name, "options": v.identity(), "source": ctx.source.fingerprint,
+                               "calibration": ctx.calibration_fingerprint if fmt.needs_calibration(v) else None,
+                               "dtype": ctx.recipe.model.dtype, "versions": versions,
+                               "quantkit": quantkit.__version__})
+            plans.append(Plan(fmt, v, key, f"{ctx.recipe.name}.{v.name}.{key[:12]}"))
+    return plans
+
+
+def _wanted_windows(ctx: BuildContext) -> list[tuple[str, str]]:
+    ppl = ctx.recipe.eval.perplexity
+    if ppl is None:
+        return []
+    return [(d, window_key(d, ctx.tokenizer_fingerprint, ppl.seq_len, ppl.max_windows)) for d in ppl.datasets]
+
+
+def _evaluate(ctx: BuildContext, engine_name: str, path: Path, entry: str, datasets: list[str],
+              console: Console) -> dict[str, dict]:
+    ppl = ctx.recipe.eval.perplexity
+    engine = get_engine(engine_name)
+    handle = engine.load(path, entry, dtype=ctx.recipe.model.dtype)
+    out = {}
+    for d in datasets:
+        windows = make_windows(d, ctx.tokenizer, ctx.tokenizer_fingerprint, ppl.seq_len, ppl.max_windows)
+        out[d] = perplexity(engine, handle, windows, batch_size=ppl.batch_size)
+        console.print(f"  {d}: ppl {out[d]['ppl']:.3f} ({out[d]['windows']} x {ppl.seq_len} tokens, "
+                      f"{out[d]['wall_s']:.0f} s, {engine_name})", highlight=False)
+    del handle
+    return out
+
+
+def _stage(result: BuildResult, name: str, t0: float) -> None:
+    result.stages.append({"stage": name, "wall_s": round(time.perf_counter() - t0, 2),
+                          "peak_rss_mb": round(peak_rss_mb(), 1)})
+
+
+def run_build(loaded: LoadedRecipe, *, only_target: str | None = None, store: str | None = None,
+              console: Console | None = None) -> BuildResult:
+    console = console or Console(stderr=True)
+    t0 = time.perf_counter()
+    result = BuildResult(manifests=[])
+    st = Store(store_uri(loaded, store))
+    source = resolve_source(loaded.recipe.model, base_dir=loaded.path.parent)
+    _stage(result, "resolve source", t0)
+    workdir = Path(tempfile.mkdtemp(prefix="quantkit-build-"))
+    ctx = BuildContext(loaded, source, workdir)
+    try:
+        plans = _plans(ctx, only_target)
+        wanted = _wanted_windows(ctx)
+        for plan in plans:
+            t_plan = time.perf_counter()
+            if st.has(plan.artifact_id):
+                manifest = st.get(plan.artifact_id)
+                have = {m.get("key") for m in manifest.get("metrics", {}).get("perplexity", {}).values()}
+                missing = [d for d, k in wanted if k not in have]
+                if missing:
+                    console.print(f"[bold]{plan.opts.name}[/]: in store, measuring {', '.join(missing)}")
+                    path = _artifact_path(st, manifest, workdir)
+                    for m in _evaluate(ctx, manifest["engine"], path, manifest["entry"], missing, console).values():
+                        st.add_eval(plan.artifact_id, m)
+                    manifest = st.get(plan.artifact_id)
+                result.cached.append(plan.artifact_id)
+                result.manifests.append(manifest)
+                continue
+            result.manifests.append(_build_one(ctx, st, plan, wanted, console))
+            result.built.append(plan.artifact_id)
+            _stage(result, f"target {plan.opts.name}", t_plan)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    _stage(result, "total", t0)
+    return result
+
+
+def _artifact_path(st: Store, manifest: dict, workdir: Path) -> Path:
+    if not manifest["files"]:  # the baseline: its "entry" is the source directory itself
+        return Path(manifest["entry"])
+    return st.materialize(manifest["id"], workdir / "pulled" / manifest["id"])
+
+
+def _build_one(ctx: BuildContext, st: Store, plan: Plan, wanted: list, console: Console) -> dict:
+    fmt, opts = plan.fmt, plan.opts
+    console.print(f"[bold]{opts.name}[/] ({fmt.describe(opts)}): building")
+    staging = ctx.workdir / "stage" / plan.artifact_id
+    staging.mkdir(parents=True)
+    t0 = time.perf_counter()
+    produced = fmt.produce(ctx, opts, staging)
+    build_s = time.perf_counter() - t0
+    console.print(f"  produced in {build_s:.1f} s")
+    metrics = _evaluate(ctx, produced.engine, staging, produced.entry, [d for d, _ in wanted], console)
+    needs_calib = fmt.needs_calibration(opts)
+    manifest = {
+        "id": plan.artifact_id,
+        "key": plan.key,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": host_info(),
+        "recipe": {"name": ctx.recipe.name, "hash": ctx.loaded.hash, "path": str(ctx.loaded.path)},
+        "target": {"name": opts.name, "format": fmt.name, "scheme": fmt.describe(opts),
+                   "options": opts.model_dump(mode="json")},
+        "engine": produced.engine,
+        "entry": produced.entry,
+        "source": ctx.source.as_dict(),
+        "calibration": ctx.calibration.meta if needs_calib else None,
+        "versions": library_versions(),
+        "info": produced.info,
+        "metrics": {"perplexity": metrics},
+        "build": {"produce_s": round(build_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
+                  "peak_rss_mb": round(peak_rss_mb(), 1), "argv": sys.argv},
+    }
+    published = st.publish(staging if produced.entry != str(ctx.source.path) else None, manifest)
+    shutil.rmtree(staging, ignore_errors=True)
+    console.print(f"  published {published['id']} ({published['total_size'] / 1e6:.1f} MB)")
+    return published

@@ -1,0 +1,173 @@
+"""The `quantkit` command. Tables and JSON go to stdout; progress and logs to stderr.
+Bad input: one line on stderr and exit code 2 (a traceback only with --debug)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+import quantkit
+from quantkit.errors import GateFailed, UserError
+
+app = typer.Typer(help="Recipe-driven quantization: build, evaluate and store model artifacts.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+recipe_app = typer.Typer(help="Check and print recipes.", no_args_is_help=True)
+model_app = typer.Typer(help="Prepare model sources.", no_args_is_help=True)
+store_app = typer.Typer(help="Inspect the model store.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+app.add_typer(model_app, name="model")
+app.add_typer(store_app, name="store")
+out = Console()
+err = Console(stderr=True)
+StoreOpt = typer.Option(None, "--store", help="store URI (default: recipe store.uri, $QUANTKIT_STORE, ./model-store)")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"quantkit {quantkit.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit"),
+          debug: bool = typer.Option(False, "--debug", help="show tracebacks for errors")) -> None:
+    """quantkit: one recipe in, FP8/INT8/GPTQ/AWQ/GGUF/TensorRT-LLM artifacts out, measured and stored."""
+
+
+def _open_store(uri: Optional[str]):
+    import os
+
+    from quantkit.store.store import Store
+
+    return Store(uri or os.environ.get("QUANTKIT_STORE") or str(Path.cwd() / "model-store"))
+
+
+@app.command()
+def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
+          target: Optional[str] = typer.Option(None, "--target", help="build only this target (CI fan-out)"),
+          as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+          store: Optional[str] = StoreOpt,
+          report_dir: Optional[Path] = typer.Option(None, help="where report.md/json go "
+                                                    "(default ./reports/<recipe name>)")) -> None:
+    """Build every target of RECIPE (skipping artifacts already in the store), evaluate, publish, report."""
+    from quantkit.build import run_build
+    from quantkit.recipe.loader import load_recipe
+    from quantkit import report
+
+    loaded = load_recipe(recipe)
+    result = run_build(loaded, only_target=target, store=store, console=err)
+    rows = report.rows(result.manifests)
+    title = f"{loaded.recipe.name}: {len(result.built)} built, {len(result.cached)} from store"
+    paths = report.write_reports(rows, report_dir or Path("reports") / loaded.recipe.name, loaded.recipe.name)
+    if as_json:
+        print(json.dumps({"recipe": loaded.recipe.name, "built": result.built, "cached": result.cached,
+                          "rows": rows, "stages": result.stages, "reports": [str(p) for p in paths]}, indent=2))
+    else:
+        report.print_table(rows, out, title)
+        err.print(f"reports: {', '.join(str(p) for p in paths)}")
+
+
+@recipe_app.command("validate")
+def recipe_validate(file: Path) -> None:
+    """Check FILE against the schema and every target's format options."""
+    from quantkit.recipe.loader import load_recipe
+
+    loaded = load_recipe(file)
+    print(f"{file}: ok ({loaded.recipe.name}, {len(loaded.targets)} targets)")
+
+
+@recipe_app.command("show")
+def recipe_show(file: Path) -> None:
+    """Print FILE resolved: `extends` merged and every default filled in."""
+    import yaml
+
+    from quantkit.recipe.loader import load_recipe
+
+    print(yaml.safe_dump(load_recipe(file).resolved(), sort_keys=False), end="")
+
+
+@model_app.command("import-gguf")
+def model_import_gguf(file: Path, out_dir: Path) -> None:
+    """Import a GGUF file into a dense HF checkpoint (safetensors) at OUT_DIR."""
+    from quantkit.sources.gguf_import import import_gguf
+
+    path = import_gguf(file, out_dir)
+    print(f"imported {file} -> {path}")
+
+
+@store_app.command("list")
+def store_list(store: Optional[str] = StoreOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the artifacts in the store."""
+    from rich.table import Table
+
+    s = _open_store(store)
+    manifests = list(s.list())
+    if as_json:
+        print(json.dumps([{k: m[k] for k in ("id", "recipe", "target", "engine", "total_size", "created_at")}
+                          for m in manifests], indent=2))
+        return
+    t = Table(title=f"{s.uri}: {len(manifests)} artifacts")
+    for c in ("id", "recipe", "format", "scheme", "size MB", "created"):
+        t.add_column(c)
+    for m in manifests:
+        t.add_row(m["id"], m["recipe"]["name"], m["target"]["format"], m["target"]["scheme"],
+                  f"{m['total_size'] / 1e6:.1f}", m["created_at"])
+    out.print(t)
+
+
+@store_app.command("show")
+def store_show(artifact_id: str, store: Optional[str] = StoreOpt) -> None:
+    """Print an artifact's manifest (ID or a unique prefix)."""
+    s = _open_store(store)
+    print(json.dumps(s.get(s.resolve_id(artifact_id)), indent=2))
+
+
+@store_app.command("verify")
+def store_verify(artifact_id: Optional[str] = typer.Argument(None), store: Optional[str] = StoreOpt) -> None:
+    """Re-hash the files of one artifact (or all) against their manifests; exit 1 on any mismatch."""
+    s = _open_store(store)
+    ids = [s.resolve_id(artifact_id)] if artifact_id else s.ids()
+    problems = [p for i in ids for p in s.verify(i)]
+    for p in problems:
+        print(f"CORRUPT {p}")
+    print(f"{len(ids)} artifacts checked, {len(problems)} problems")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+def report_cmd(store: Optional[str] = StoreOpt,
+               recipe: Optional[str] = typer.Option(None, help="only artifacts of this recipe name"),
+               fmt: str = typer.Option("md", "--format", help="md | csv | json")) -> None:
+    """Render the comparison table over the store's contents."""
+    from quantkit import report
+
+    manifests = [m for m in _open_store(store).list() if recipe in (None, m["recipe"]["name"])]
+    rs = report.rows(manifests)
+    render = {"md": report.to_markdown, "csv": report.to_csv, "json": report.to_json}
+    if fmt not in render:
+        raise UserError(f"--format {fmt!r}: expected one of {', '.join(render)}")
+    print(render[fmt](rs), end="")
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    try:
+        app()
+    except (UserError, GateFailed) as e:
+        if debug:
+            raise
+        print(e.one_line() if isinstance(e, UserError) else f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

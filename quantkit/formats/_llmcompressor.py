@@ -1,0 +1,28 @@
+"""Shared driver for the formats made by llm-compressor (fp8, int8, gptq, awq): one oneshot call on a private
+copy of the build's model, then a compressed-tensors save. Each format only builds its modifier list."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+LIBRARIES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
+
+
+def run_oneshot(ctx, modifiers: list, out_dir: Path, *, calibrate: bool) -> dict:
+    """Quantize a fresh copy of the model with `modifiers`, save compressed to out_dir, return the
+    quantization_config written to config.json (it goes into the manifest as the artifact's own words)."""
+    from llmcompressor import oneshot
+
+    logging.getLogger("llmcompressor").setLevel(logging.WARNING)
+    model = ctx.fresh_model()
+    kwargs = {}
+    if calibrate:
+        calib = ctx.calibration
+        kwargs = dict(dataset=ctx.calibration_dataset(), num_calibration_samples=calib.input_ids.shape[0],
+                      max_seq_length=calib.input_ids.shape[1], shuffle_calibration_samples=False)
+    oneshot(model=model, recipe=modifiers, tokenizer=ctx.tokenizer, **kwargs)
+    model.save_pretrained(out_dir, save_compressed=True)
+    ctx.tokenizer.save_pretrained(out_dir)
+    del model
+    return json.loads((out_dir / "config.json").read_text()).get("quantization_config", {})

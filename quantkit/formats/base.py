@@ -1,0 +1,72 @@
+"""The format interface: an options model plus a handler with two jobs, `produce` and (via its engine) load.
+
+A format turns the build's model (and, if it needs one, the shared calibration set) into files in a staging
+directory. It never publishes, evaluates or names another format: the orchestrator does that for all of them.
+Formats whose output is not an HF directory (GGUF) or that run an external tool (llama.cpp, ModelOpt) fit the
+same shape: `produce` writes whatever files it likes and says which engine loads them and from which entry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from quantkit.context import BuildContext
+
+
+class TargetOptions(BaseModel):
+    """Base of every format's options. Subclasses add fields; unknown keys are errors (with did-you-mean)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    format: str
+
+    def identity(self) -> dict[str, Any]:
+        """The options that define the artifact (the target's name does not)."""
+        return self.model_dump(mode="json", exclude={"name"})
+
+
+@dataclass
+class Produced:
+    """What `produce` wrote: `entry` is what the engine opens ("." = the directory itself, or a file name)."""
+
+    entry: str = "."
+    engine: str = "transformers"
+    info: dict[str, Any] = field(default_factory=dict)  # format facts for the manifest (scheme, layers, ...)
+
+
+class Format:
+    """Subclass, set `name` and `Options`, implement `produce`; register with `@register`."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[TargetOptions]] = TargetOptions
+    # distributions whose versions change the bytes this format writes; they key the artifact
+    libraries: ClassVar[tuple[str, ...]] = ("torch", "transformers")
+    internal: ClassVar[bool] = False  # True: used by the build itself, not selectable in recipes
+
+    def needs_calibration(self, opts: TargetOptions) -> bool:
+        return False
+
+    def variants(self, opts: TargetOptions) -> list[TargetOptions]:
+        """One target may expand into several artifacts (e.g. GGUF `types: [Q8_0, Q4_K_M]`)."""
+        return [opts]
+
+    def describe(self, opts: TargetOptions) -> str:
+        """Short scheme label for tables."""
+        return opts.format
+
+    def produce(self, ctx: "BuildContext", opts: TargetOptions, out_dir: Path) -> Produced:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Format] = {}
+
+
+def register(cls: type[Format]) -> type[Format]:
+    if cls.name in _REGISTRY:
+        raise RuntimeError(f"format {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls

@@ -1,0 +1,46 @@
+"""FP8 W8A8 through llm-compressor, saved as compressed-tensors (what vLLM, SGLang and TensorRT-LLM load).
+
+- `dynamic` = llm-compressor's FP8_DYNAMIC: per-channel FP8 weights, per-token activation scales computed at
+  run time. Data-free.
+- `static` = llm-compressor's FP8: per-tensor FP8 weights and a per-tensor activation scale calibrated on the
+  build's calibration set.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from quantkit.formats._llmcompressor import LIBRARIES, run_oneshot
+from quantkit.formats.base import Format, Produced, TargetOptions, register
+
+SCHEMES = {"dynamic": "FP8_DYNAMIC", "static": "FP8"}
+
+
+class FP8Options(TargetOptions):
+    format: Literal["fp8"] = "fp8"
+    scheme: Literal["dynamic", "static"] = "dynamic"
+    targets: list[str] = Field(default_factory=lambda: ["Linear"])
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+
+@register
+class FP8(Format):
+    name = "fp8"
+    Options = FP8Options
+    libraries = LIBRARIES
+
+    def needs_calibration(self, opts: FP8Options) -> bool:
+        return opts.scheme == "static"
+
+    def describe(self, opts: FP8Options) -> str:
+        return SCHEMES[opts.scheme]
+
+    def produce(self, ctx, opts: FP8Options, out_dir: Path) -> Produced:
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        modifier = QuantizationModifier(targets=opts.targets, scheme=SCHEMES[opts.scheme], ignore=opts.ignore)
+        qcfg = run_oneshot(ctx, [modifier], out_dir, calibrate=self.needs_calibration(opts))
+        return Produced(info={"algorithm": "rtn", "scheme": SCHEMES[opts.scheme], "ignore": opts.ignore,
+                              "container": "compressed-tensors", "quantization_config": qcfg})

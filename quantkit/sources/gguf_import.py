@@ -1,0 +1,82 @@
+"""Import a GGUF file into a dense HF checkpoint (safetensors) with transformers' GGUF loader.
+
+Two fixes are applied here so every later format starts from a correct checkpoint:
+- transformers marks the model as GGUF-quantized and refuses to save it, although the weights are dense:
+  `hf_quantizer.remove_quantization_config` drops that marker.
+- for GPT-2-style BPE vocabularies its tokenizer.json gets `byte_fallback: true` and a SentencePiece-like
+  decoder, which makes llama.cpp's converter write an SPM tokenizer that crashes llama.cpp. We restore the
+  byte-level decoder and turn byte_fallback off; token ids are unchanged (checked below on a sample).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from quantkit.errors import UserError
+
+CHECK_TEXT = "The capital of France is Paris.\n\n  Ünïcödé — 東京 🙂 x=1;\ty"
+
+
+def _gguf_tokenizer_model(path: Path) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get("tokenizer.ggml.model")
+    return bytes(field.parts[field.data[0]]).decode() if field else None
+
+
+def _fix_bpe_tokenizer(out: Path, eos_id: int | None) -> None:
+    tj = out / "tokenizer.json"
+    tok = json.loads(tj.read_text())
+    tok["model"]["byte_fallback"] = False
+    tok["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    tj.write_text(json.dumps(tok, ensure_ascii=False, indent=2))
+    tc = out / "tokenizer_config.json"
+    if eos_id is not None and tc.exists():
+        # the importer takes eos from a chat-template guess; config.json's eos_token_id is authoritative
+        vocab = {t["id"]: t["content"] for t in tok.get("added_tokens", [])}
+        if eos_id in vocab:
+            cfg = json.loads(tc.read_text())
+            cfg["eos_token"] = vocab[eos_id]
+            cfg["eos_token_id"] = eos_id
+            tc.write_text(json.dumps(cfg, ensure_ascii=False, indent=2))
+
+
+def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Write a dense fp32 HF checkpoint for gguf_path at out_dir (atomically: a temp dir renamed at the end)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+
+    gguf_path = Path(gguf_path).resolve()
+    if not gguf_path.is_file():
+        raise UserError(f"GGUF file not found: {gguf_path}")
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        raise UserError(f"{out_dir} already holds a model", fix="choose an empty OUT_DIR or delete it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=out_dir.parent))
+    try:
+        kw = dict(gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+        before = tokenizer(CHECK_TEXT)["input_ids"]
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if _gguf_tokenizer_model(gguf_path) == "gpt2":
+            _fix_bpe_tokenizer(tmp, model.config.eos_token_id)
+            after = AutoTokenizer.from_pretrained(tmp)(CHECK_TEXT)["input_ids"]
+            if after != before:
+                raise RuntimeError("tokenizer fix changed token ids; refusing to write the import")
+        (tmp / "quantkit-import.json").write_text(json.dumps(
+            {"source": str(gguf_path), "tokenizer_model": _gguf_tokenizer_model(gguf_path)}, indent=2))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the import is a normal shared directory
+        if out_dir.exists():
+            out_dir.rmdir()  # must be empty; rmdir refuses otherwise
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,90 @@
+"""Small shared helpers: hashing, cache locations, library versions, host facts, resource use."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import resource
+import socket
+import sys
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Iterable
+
+import quantkit
+
+CHUNK = 8 << 20
+
+
+def sha256_fileobj(f) -> str:
+    h = hashlib.sha256()
+    while block := f.read(CHUNK):
+        h.update(block)
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return sha256_fileobj(f)
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cache_dir(*parts: str) -> Path:
+    root = Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit"))
+    p = root.joinpath(*parts)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of a file, memoised on (path, size, mtime) so re-runs don't re-read multi-GB weights."""
+    st = path.stat()
+    key = sha256_json([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    memo = cache_dir("hashes") / key
+    if memo.exists():
+        return memo.read_text().strip()
+    digest = sha256_file(path)
+    memo.write_text(digest)
+    return digest
+
+
+def fingerprint_files(files: Iterable[Path], root: Path) -> str:
+    """One digest over (relative name, content hash) pairs, order-independent."""
+    pairs = sorted((str(f.relative_to(root)), cached_sha256(f)) for f in files)
+    return sha256_json(pairs)
+
+
+def dist_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+CORE_LIBRARIES = ("torch", "transformers", "safetensors", "llmcompressor", "compressed-tensors",
+                  "nvidia-modelopt", "llama_cpp_python", "gguf", "datasets", "accelerate")
+
+
+@lru_cache
+def library_versions(names: tuple[str, ...] = CORE_LIBRARIES) -> dict[str, str]:
+    out = {"python": platform.python_version(), "quantkit": quantkit.__version__}
+    for n in names:
+        v = dist_version(n)
+        if v:
+            out[n] = v
+    return out
+
+
+def host_info() -> dict[str, Any]:
+    return {"hostname": socket.gethostname(), "platform": platform.platform(), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "python": sys.version.split()[0]}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set of this process (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

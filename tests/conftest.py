@@ -1,0 +1,55 @@
+"""Shared fixtures. Data comes from ../shared/data (or $QUANTKIT_DATA); nothing touches the network."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("QUANTKIT_DATA", str(ROOT.parent / "shared" / "data"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+DATA = Path(os.environ["QUANTKIT_DATA"])
+SMOLLM2 = ROOT / "models" / "smollm2-135m-instruct"
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real `quantkit` command in a fresh process (exit codes and stderr as a user sees them)."""
+    return subprocess.run([sys.executable, "-m", "quantkit.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    if not (SMOLLM2 / "config.json").exists():
+        pytest.fail(f"{SMOLLM2} missing: run `make model` (make test does this first)")
+    return SMOLLM2
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny random Llama with a real byte-level BPE tokenizer trained on C4 text (fast, offline)."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    docs = [json.loads(line)["text"] for line in (DATA / "c4" / "c4-train-sample.jsonl").read_text().splitlines()[:200]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    return out

@@ -6,6 +6,7 @@ not rebuilt, and a measurement already stored under the same protocol key is not
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import shutil
 import sys
@@ -24,7 +25,7 @@ from quantkit.formats import Format, TargetOptions, get_format
 from quantkit.recipe.loader import LoadedRecipe
 from quantkit.sources.resolve import resolve_source
 from quantkit.store.store import Store
-from quantkit.util import dist_version, host_info, library_versions, peak_rss_mb, sha256_json
+from quantkit.util import StagePeak, dist_version, host_info, library_versions, peak_rss_mb, sha256_json
 import quantkit
 
 BASELINE = "baseline"
@@ -99,9 +100,14 @@ def _evaluate(ctx: BuildContext, engine_name: str, path: Path, entry: str, datas
     return out
 
 
-def _stage(result: BuildResult, name: str, t0: float) -> None:
+@contextlib.contextmanager
+def _stage(result: BuildResult, name: str):
+    """Time one stage and sample its peak RSS; the records feed scripts/bench_build.py and --json."""
+    t0 = time.perf_counter()
+    with StagePeak() as peak:
+        yield
     result.stages.append({"stage": name, "wall_s": round(time.perf_counter() - t0, 2),
-                          "peak_rss_mb": round(peak_rss_mb(), 1)})
+                          "peak_rss_mb": round(peak.peak, 1)})
 
 
 def run_build(loaded: LoadedRecipe, *, only_target: str | None = None, store: str | None = None,
@@ -110,15 +116,23 @@ def run_build(loaded: LoadedRecipe, *, only_target: str | None = None, store: st
     t0 = time.perf_counter()
     result = BuildResult(manifests=[])
     st = Store(store_uri(loaded, store))
-    source = resolve_source(loaded.recipe.model, base_dir=loaded.path.parent)
-    _stage(result, "resolve source", t0)
-    workdir = Path(tempfile.mkdtemp(prefix="quantkit-build-"))
-    ctx = BuildContext(loaded, source, workdir)
-    try:
+    with _stage(result, "resolve source + plan"):
+        source = resolve_source(loaded.recipe.model, base_dir=loaded.path.parent)
+        workdir = Path(tempfile.mkdtemp(prefix="quantkit-build-"))
+        ctx = BuildContext(loaded, source, workdir)
         plans = _plans(ctx, only_target)
         wanted = _wanted_windows(ctx)
+    try:
+        todo = [p for p in plans if not st.has(p.artifact_id)]
+        if any(p.fmt.name != BASELINE for p in todo):
+            with _stage(result, "load model (once)"):
+                ctx.base_model  # noqa: B018 - loaded here so its cost is not charged to the first target
+        if any(p.fmt.needs_calibration(p.opts) for p in todo):
+            with _stage(result, "calibration set (once)"):
+                console.print(f"calibration: {ctx.calibration.meta['num_samples']} x "
+                              f"{ctx.calibration.meta['seq_len']} tokens from {ctx.calibration.meta['origin']}",
+                              highlight=False)
         for plan in plans:
-            t_plan = time.perf_counter()
             if st.has(plan.artifact_id):
                 manifest = st.get(plan.artifact_id)
                 have = {m.get("key") for m in manifest.get("metrics", {}).get("perplexity", {}).values()}
@@ -132,12 +146,12 @@ def run_build(loaded: LoadedRecipe, *, only_target: str | None = None, store: st
                 result.cached.append(plan.artifact_id)
                 result.manifests.append(manifest)
                 continue
-            result.manifests.append(_build_one(ctx, st, plan, wanted, console))
+            result.manifests.append(_build_one(ctx, st, plan, wanted, console, result))
             result.built.append(plan.artifact_id)
-            _stage(result, f"target {plan.opts.name}", t_plan)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    _stage(result, "total", t0)
+    result.stages.append({"stage": "total", "wall_s": round(time.perf_counter() - t0, 2),
+                          "peak_rss_mb": round(peak_rss_mb(), 1)})
     return result
 
 
@@ -147,16 +161,19 @@ def _artifact_path(st: Store, manifest: dict, workdir: Path) -> Path:
     return st.materialize(manifest["id"], workdir / "pulled" / manifest["id"])
 
 
-def _build_one(ctx: BuildContext, st: Store, plan: Plan, wanted: list, console: Console) -> dict:
+def _build_one(ctx: BuildContext, st: Store, plan: Plan, wanted: list, console: Console,
+               result: BuildResult) -> dict:
     fmt, opts = plan.fmt, plan.opts
     console.print(f"[bold]{opts.name}[/] ({fmt.describe(opts)}): building")
     staging = ctx.workdir / "stage" / plan.artifact_id
     staging.mkdir(parents=True)
     t0 = time.perf_counter()
-    produced = fmt.produce(ctx, opts, staging)
+    with _stage(result, f"{opts.name}: produce"):
+        produced = fmt.produce(ctx, opts, staging)
     build_s = time.perf_counter() - t0
     console.print(f"  produced in {build_s:.1f} s")
-    metrics = _evaluate(ctx, produced.engine, staging, produced.entry, [d for d, _ in wanted], console)
+    with _stage(result, f"{opts.name}: evaluate"):
+        metrics = _evaluate(ctx, produced.engine, staging, produced.entry, [d for d, _ in wanted], console)
     needs_calib = fmt.needs_calibration(opts)
     manifest = {
         "id": plan.artifact_id,
@@ -176,7 +193,8 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wanted: list, console: 
         "build": {"produce_s": round(build_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
                   "peak_rss_mb": round(peak_rss_mb(), 1), "argv": sys.argv},
     }
-    published = st.publish(staging if produced.entry != str(ctx.source.path) else None, manifest)
+    with _stage(result, f"{opts.name}: publish"):
+        published = st.publish(staging if produced.entry != str(ctx.source.path) else None, manifest)
     shutil.rmtree(staging, ignore_errors=True)
     console.print(f"  published {published['id']} ({published['total_size'] / 1e6:.1f} MB)")
     return published

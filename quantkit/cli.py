@@ -2,7 +2,9 @@
 Bad input: one line on stderr and exit code 2 (a traceback only with --debug)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -39,9 +41,23 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """quantkit: one recipe in, FP8/INT8/GPTQ/AWQ/GGUF/TensorRT-LLM artifacts out, measured and stored."""
 
 
-def _open_store(uri: Optional[str]):
-    import os
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Libraries (llm-compressor's loguru sink, tqdm) print to stdout; stdout is reserved for the table/JSON.
+    Redirect at the file-descriptor level so output from C extensions moves too."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
+
+def _open_store(uri: Optional[str]):
     from quantkit.store.store import Store
 
     return Store(uri or os.environ.get("QUANTKIT_STORE") or str(Path.cwd() / "model-store"))
@@ -60,7 +76,8 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
     from quantkit import report
 
     loaded = load_recipe(recipe)
-    result = run_build(loaded, only_target=target, store=store, console=err)
+    with _stdout_to_stderr():
+        result = run_build(loaded, only_target=target, store=store, console=err)
     rows = report.rows(result.manifests)
     title = f"{loaded.recipe.name}: {len(result.built)} built, {len(result.cached)} from store"
     paths = report.write_reports(rows, report_dir or Path("reports") / loaded.recipe.name, loaded.recipe.name)

@@ -47,7 +47,7 @@ mktmp() { local _mk; _mk="$(mktemp -d "$2")"; CLEANUP+=("$_mk"); printf -v "$1" 
 if command -v flock >/dev/null; then
     exec 9>"$CACHE/.setup_llama_cpp.lock"
     flock 9
-    rm -rf "$CACHE"/sdist/.dl.* "$CACHE"/llama.cpp/.build-* "$CACHE"/wheels/.build.*
+    rm -rf "$CACHE"/sdist/.llama-cpp-dl.* "$CACHE"/llama.cpp/.build-* "$CACHE"/wheels/.llama-cpp-build.*
 fi
 
 # Run a long step quietly into a log file; on failure show its tail.
@@ -64,7 +64,7 @@ fetch_sdist() {
     [ -f "$SDIST" ] && return 0
     log "downloading llama-cpp-python==$VER sdist ..."
     local t0=$SECONDS d
-    mktmp d "$CACHE/sdist/.dl.XXXXXX"
+    mktmp d "$CACHE/sdist/.llama-cpp-dl.XXXXXX"
     run_logged pip-download "$PY" -m pip download --no-binary :all: --no-deps "llama-cpp-python==$VER" -d "$d"
     mv "$d"/llama_cpp_python-"$VER".tar.gz "$SDIST"
     log "sdist: $SDIST ($((SECONDS - t0)) s)"
@@ -125,7 +125,7 @@ install_python_binding() {
     if [ -z "$whl" ]; then
         fetch_sdist
         local t0=$SECONDS d
-        mktmp d "$CACHE/wheels/.build.XXXXXX"
+        mktmp d "$CACHE/wheels/.llama-cpp-build.XXXXXX"
         log "building llama-cpp-python $VER wheel (jobs=$JOBS, a few minutes) ..."
         CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" run_logged pip-wheel "$PY" -m pip wheel --no-deps "$SDIST" -w "$d"
         whl="$(ls "$d"/llama_cpp_python-"$VER"-*.whl)"

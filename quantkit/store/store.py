@@ -67,7 +67,7 @@ class Store:
                     self._put_atomic(f, self.blob_path(digest))
         manifest = {**manifest, "schema": MANIFEST_SCHEMA, "files": files,
                     "total_size": sum(f["size"] for f in files)}
-        if os.environ.get("QUANTKIT_TEST_KILL_POINT") == "before-manifest":  # for the killed-publish test
+        if files and os.environ.get("QUANTKIT_TEST_KILL_POINT") == "before-manifest":  # killed-publish test
             os.kill(os.getpid(), signal.SIGKILL)
         dest = self.manifest_path(manifest["id"])
         if not self.fs.exists(dest):  # a concurrent identical publish may have won; both are the same entry

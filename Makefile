@@ -18,13 +18,15 @@ help:
 	@echo "make test   - install everything and run the test suite"
 
 # The venv is keyed on pyproject.toml: torch first from the CPU wheel on disk (a plain `torch` requirement
-# would pull a multi-GB CUDA build), then the project with that torch held fixed.
-$(BIN)/.installed: pyproject.toml
+# would pull a multi-GB CUDA build), then the project with that torch held fixed, then llama.cpp's tools and
+# llama-cpp-python, built once per version and cached under $(QUANTKIT_CACHE).
+$(BIN)/.installed: pyproject.toml scripts/setup_llama_cpp.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[test]"
+	scripts/setup_llama_cpp.sh $(VENV)
 	touch $@
 
 setup: $(BIN)/.installed

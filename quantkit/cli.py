@@ -23,8 +23,9 @@ store_app = typer.Typer(help="Inspect the model store.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(model_app, name="model")
 app.add_typer(store_app, name="store")
-out = Console()
-err = Console(stderr=True)
+# Tables must not be squeezed to 80 columns when stdout is a pipe or a CI log.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 StoreOpt = typer.Option(None, "--store", help="store URI (default: recipe store.uri, $QUANTKIT_STORE, ./model-store)")
 
 

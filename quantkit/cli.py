@@ -19,14 +19,14 @@ app = typer.Typer(help="Recipe-driven quantization: build, evaluate and store mo
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 recipe_app = typer.Typer(help="Check and print recipes.", no_args_is_help=True)
 model_app = typer.Typer(help="Prepare model sources.", no_args_is_help=True)
-store_app = typer.Typer(help="Inspect the model store.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(model_app, name="model")
-app.add_typer(store_app, name="store")
 # Tables must not be squeezed to 80 columns when stdout is a pipe or a CI log.
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-StoreOpt = typer.Option(None, "--store", help="store URI (default: recipe store.uri, $QUANTKIT_STORE, ./model-store)")
+from quantkit.store.cli import StoreOpt, store_app  # noqa: E402
+
+app.add_typer(store_app, name="store")
 
 
 def _version(value: bool) -> None:
@@ -59,9 +59,9 @@ def _stdout_to_stderr():
 
 
 def _open_store(uri: Optional[str]):
-    from quantkit.store.store import Store
+    from quantkit.store.cli import open_store
 
-    return Store(uri or os.environ.get("QUANTKIT_STORE") or str(Path.cwd() / "model-store"))
+    return open_store(uri)
 
 
 @app.command()
@@ -116,46 +116,6 @@ def model_import_gguf(file: Path, out_dir: Path) -> None:
 
     path = import_gguf(file, out_dir)
     print(f"imported {file} -> {path}")
-
-
-@store_app.command("list")
-def store_list(store: Optional[str] = StoreOpt, as_json: bool = typer.Option(False, "--json")) -> None:
-    """List the artifacts in the store."""
-    from rich.table import Table
-
-    s = _open_store(store)
-    manifests = list(s.list())
-    if as_json:
-        print(json.dumps([{k: m[k] for k in ("id", "recipe", "target", "engine", "total_size", "created_at")}
-                          for m in manifests], indent=2))
-        return
-    t = Table(title=f"{s.uri}: {len(manifests)} artifacts")
-    for c in ("id", "recipe", "format", "scheme", "size MB", "created"):
-        t.add_column(c)
-    for m in manifests:
-        t.add_row(m["id"], m["recipe"]["name"], m["target"]["format"], m["target"]["scheme"],
-                  f"{m['total_size'] / 1e6:.1f}", m["created_at"])
-    out.print(t)
-
-
-@store_app.command("show")
-def store_show(artifact_id: str, store: Optional[str] = StoreOpt) -> None:
-    """Print an artifact's manifest (ID or a unique prefix)."""
-    s = _open_store(store)
-    print(json.dumps(s.get(s.resolve_id(artifact_id)), indent=2))
-
-
-@store_app.command("verify")
-def store_verify(artifact_id: Optional[str] = typer.Argument(None), store: Optional[str] = StoreOpt) -> None:
-    """Re-hash the files of one artifact (or all) against their manifests; exit 1 on any mismatch."""
-    s = _open_store(store)
-    ids = [s.resolve_id(artifact_id)] if artifact_id else s.ids()
-    problems = [p for i in ids for p in s.verify(i)]
-    for p in problems:
-        print(f"CORRUPT {p}")
-    print(f"{len(ids)} artifacts checked, {len(problems)} problems")
-    if problems:
-        raise typer.Exit(1)
 
 
 @app.command("report")

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from quantkit import gates, report
 from quantkit.context import BuildContext
 from quantkit.errors import UserError
-from quantkit.evaluation.engines import get_engine
-from quantkit.evaluation.perplexity import make_windows, perplexity, window_key
+from quantkit.evaluation.run import Want, evaluate, have_keys, merge, wanted
 from quantkit.formats import Format, TargetOptions, get_format
 from quantkit.recipe.loader import LoadedRecipe
 from quantkit.sources.resolve import resolve_source
@@ -78,28 +78,6 @@ def _plans(ctx: BuildContext, only: str | None) -> list[Plan]:
     return plans
 
 
-def _wanted_windows(ctx: BuildContext) -> list[tuple[str, str]]:
-    ppl = ctx.recipe.eval.perplexity
-    if ppl is None:
-        return []
-    return [(d, window_key(d, ctx.tokenizer_fingerprint, ppl.seq_len, ppl.max_windows)) for d in ppl.datasets]
-
-
-def _evaluate(ctx: BuildContext, engine_name: str, path: Path, entry: str, datasets: list[str],
-              console: Console) -> dict[str, dict]:
-    ppl = ctx.recipe.eval.perplexity
-    engine = get_engine(engine_name)
-    handle = engine.load(path, entry, dtype=ctx.recipe.model.dtype)
-    out = {}
-    for d in datasets:
-        windows = make_windows(d, ctx.tokenizer, ctx.tokenizer_fingerprint, ppl.seq_len, ppl.max_windows)
-        out[d] = perplexity(engine, handle, windows, batch_size=ppl.batch_size)
-        console.print(f"  {d}: ppl {out[d]['ppl']:.3f} ({out[d]['windows']} x {ppl.seq_len} tokens, "
-                      f"{out[d]['wall_s']:.0f} s, {engine_name})", highlight=False)
-    del handle
-    return out
-
-
 @contextlib.contextmanager
 def _stage(result: BuildResult, name: str):
     """Time one stage and sample its peak RSS; the records feed scripts/bench_build.py and --json."""
@@ -121,7 +99,7 @@ def run_build(loaded: LoadedRecipe, *, only_target: str | None = None, store: st
         workdir = Path(tempfile.mkdtemp(prefix="quantkit-build-"))
         ctx = BuildContext(loaded, source, workdir)
         plans = _plans(ctx, only_target)
-        wanted = _wanted_windows(ctx)
+        wants = wanted(ctx)
     try:
         todo = [p for p in plans if not st.has(p.artifact_id)]
         if any(p.fmt.name != BASELINE for p in todo):
@@ -135,18 +113,19 @@ def run_build(loaded: LoadedRecipe, *, only_target: str | None = None, store: st
         for plan in plans:
             if st.has(plan.artifact_id):
                 manifest = st.get(plan.artifact_id)
-                have = {m.get("key") for m in manifest.get("metrics", {}).get("perplexity", {}).values()}
-                missing = [d for d, k in wanted if k not in have]
+                have = have_keys(manifest.get("metrics", {}))
+                missing = [w for w in wants if w.key not in have]
                 if missing:
-                    console.print(f"[bold]{plan.opts.name}[/]: in store, measuring {', '.join(missing)}")
+                    console.print(f"[bold]{plan.opts.name}[/]: in store, measuring "
+                                  f"{', '.join(w.name for w in missing)}")
                     path = _artifact_path(st, manifest, workdir)
-                    for m in _evaluate(ctx, manifest["engine"], path, manifest["entry"], missing, console).values():
+                    for m in evaluate(ctx, manifest["engine"], path, manifest["entry"], missing, console):
                         st.add_eval(plan.artifact_id, m)
                     manifest = st.get(plan.artifact_id)
                 result.cached.append(plan.artifact_id)
                 result.manifests.append(manifest)
                 continue
-            result.manifests.append(_build_one(ctx, st, plan, wanted, console, result))
+            result.manifests.append(_build_one(ctx, st, plan, wants, console, result))
             result.built.append(plan.artifact_id)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -155,13 +134,35 @@ def run_build(loaded: LoadedRecipe, *, only_target: str | None = None, store: st
     return result
 
 
+def _gate(ctx: BuildContext, opts: TargetOptions, manifest: dict, others: list[dict]) -> dict | None:
+    """The gate verdict for one artifact under the recipe's current limits (build-wide, then per target)."""
+    limits = gates.limits_for(ctx.recipe.gates, getattr(opts, "gates", None))
+    if limits is None:
+        return None
+    row = next(r for r in report.rows([*others, manifest]) if r["id"] == manifest["id"])
+    return {**gates.check(row, limits), "limits": limits.model_dump()}
+
+
+def gate_failures(loaded: LoadedRecipe, manifests: list[dict]) -> list[str]:
+    """Re-check every artifact of this build against the recipe's current gates (cached ones included)."""
+    by_name = {t.name: t for t in loaded.targets}
+    out = []
+    for row in report.rows(manifests):
+        base_name = next((n for n in by_name if row["target"] == n or row["target"].startswith(n + "-")), None)
+        limits = gates.limits_for(loaded.recipe.gates, by_name[base_name].gates if base_name else None)
+        verdict = gates.check(row, limits)
+        if verdict and verdict["status"] == "failed":
+            out.append(gates.describe_failure(row, verdict))
+    return out
+
+
 def _artifact_path(st: Store, manifest: dict, workdir: Path) -> Path:
     if not manifest["files"]:  # the baseline: its "entry" is the source directory itself
         return Path(manifest["entry"])
     return st.materialize(manifest["id"], workdir / "pulled" / manifest["id"])
 
 
-def _build_one(ctx: BuildContext, st: Store, plan: Plan, wanted: list, console: Console,
+def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], console: Console,
                result: BuildResult) -> dict:
     fmt, opts = plan.fmt, plan.opts
     console.print(f"[bold]{opts.name}[/] ({fmt.describe(opts)}): building")
@@ -173,7 +174,7 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wanted: list, console: 
     build_s = time.perf_counter() - t0
     console.print(f"  produced in {build_s:.1f} s")
     with _stage(result, f"{opts.name}: evaluate"):
-        metrics = _evaluate(ctx, produced.engine, staging, produced.entry, [d for d, _ in wanted], console)
+        metrics = merge({}, evaluate(ctx, produced.engine, staging, produced.entry, wants, console))
     needs_calib = fmt.needs_calibration(opts)
     manifest = {
         "id": plan.artifact_id,
@@ -189,10 +190,16 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wanted: list, console: 
         "calibration": ctx.calibration.meta if needs_calib else None,
         "versions": library_versions(),
         "info": produced.info,
-        "metrics": {"perplexity": metrics},
+        "metrics": metrics,
         "build": {"produce_s": round(build_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
                   "peak_rss_mb": round(peak_rss_mb(), 1), "argv": sys.argv},
     }
+    manifest["total_size"] = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
+    if produced.entry == str(ctx.source.path):
+        manifest["total_size"] = 0
+    verdict = _gate(ctx, opts, manifest, result.manifests)
+    if verdict:
+        manifest["gate"] = verdict
     with _stage(result, f"{opts.name}: publish"):
         published = st.publish(staging if produced.entry != str(ctx.source.path) else None, manifest)
     shutil.rmtree(staging, ignore_errors=True)

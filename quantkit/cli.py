@@ -72,7 +72,7 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
           report_dir: Optional[Path] = typer.Option(None, help="where report.md/json go "
                                                     "(default ./reports/<recipe name>)")) -> None:
     """Build every target of RECIPE (skipping artifacts already in the store), evaluate, publish, report."""
-    from quantkit.build import run_build
+    from quantkit.build import gate_failures, run_build
     from quantkit.recipe.loader import load_recipe
     from quantkit import report
 
@@ -88,6 +88,11 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
     else:
         report.print_table(rows, out, title)
         err.print(f"reports: {', '.join(str(p) for p in paths)}")
+    failures = gate_failures(loaded, result.manifests)
+    if failures:
+        for f in failures:
+            print(f"gate failed: {f}", file=sys.stderr)
+        raise GateFailed(f"{len(failures)} artifact(s) failed the recipe's gates (published, marked gate: failed)")
 
 
 @recipe_app.command("validate")
@@ -121,16 +126,17 @@ def model_import_gguf(file: Path, out_dir: Path) -> None:
 @app.command("report")
 def report_cmd(store: Optional[str] = StoreOpt,
                recipe: Optional[str] = typer.Option(None, help="only artifacts of this recipe name"),
-               fmt: str = typer.Option("md", "--format", help="md | csv | json")) -> None:
+               model: Optional[str] = typer.Option(None, help="only artifacts whose source uri contains this"),
+               fmt: str = typer.Option("md", "--format", help="md | csv | json | html")) -> None:
     """Render the comparison table over the store's contents."""
     from quantkit import report
 
-    manifests = [m for m in _open_store(store).list() if recipe in (None, m["recipe"]["name"])]
+    manifests = [m for m in _open_store(store).list() if recipe in (None, m["recipe"]["name"])
+                 and (model is None or model in m["source"]["uri"])]
     rs = report.rows(manifests)
-    render = {"md": report.to_markdown, "csv": report.to_csv, "json": report.to_json}
-    if fmt not in render:
-        raise UserError(f"--format {fmt!r}: expected one of {', '.join(render)}")
-    print(render[fmt](rs), end="")
+    if fmt not in report.RENDERERS:
+        raise UserError(f"--format {fmt!r}: expected one of {', '.join(report.RENDERERS)}")
+    print(report.RENDERERS[fmt](rs), end="")
 
 
 def main() -> None:

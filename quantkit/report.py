@@ -14,6 +14,30 @@ def _size(m: dict) -> int:
     return m["info"].get("weight_bytes", 0) if m["target"]["format"] == "baseline" else m["total_size"]
 
 
+def _throughput(m: dict) -> dict | None:
+    return m.get("metrics", {}).get("throughput")
+
+
+def _speed_reference(m: dict, manifests: list[dict]) -> dict | None:
+    """Speedups compare like with like: the dense model measured in the same engine. For the transformers
+    engine that is the baseline; for others (llama.cpp) an artifact marked `info.dense_reference` (F16 GGUF)."""
+    tp = _throughput(m)
+    if not tp:
+        return None
+    same_src = [o for o in manifests if o["source"]["fingerprint"] == m["source"]["fingerprint"] and _throughput(o)
+                and _throughput(o)["engine"] == tp["engine"] and _throughput(o)["key"] == tp["key"]]
+    for o in same_src:
+        if o["target"]["format"] == "baseline" or o["info"].get("dense_reference"):
+            return o
+    return None
+
+
+def _decode(m: dict) -> float | None:
+    tp = _throughput(m)
+    b1 = tp and tp["batches"].get("1")
+    return b1["decode_tok_s"] if b1 else None
+
+
 def rows(manifests: list[dict]) -> list[dict]:
     """One row per artifact; each is compared with the baseline of the same source model, if present."""
     baselines = {m["source"]["fingerprint"]: m for m in manifests if m["target"]["format"] == "baseline"}
@@ -24,7 +48,21 @@ def rows(manifests: list[dict]) -> list[dict]:
         row = {"id": m["id"], "recipe": m["recipe"]["name"], "target": m["target"]["name"],
                "format": m["target"]["format"], "scheme": m["target"]["scheme"], "engine": m["engine"],
                "size_mb": round(_size(m) / 1e6, 1),
-               "x_vs_16bit": round(ref16 / _size(m), 2) if ref16 and _size(m) else None, "ppl": {}}
+               "x_vs_16bit": round(ref16 / _size(m), 2) if ref16 and _size(m) else None, "ppl": {},
+               "gate": (m.get("gate") or {}).get("status")}
+        tp, ref = _throughput(m), _speed_reference(m, manifests)
+        if tp:
+            first = next(iter(tp["batches"].values()))
+            rf = tp.get("roofline", {})
+            row.update({"speed_engine": tp["engine"], "prefill_tok_s": first["prefill_tok_s"],
+                        "decode_tok_s": _decode(m), "ttft_p50_s": first.get("ttft_p50_s"),
+                        "decode_pct_of_bound": rf.get("decode_pct_of_bound"),
+                        "weight_bytes_per_token": rf.get("bytes_per_token")})
+            if ref and _decode(ref) and _decode(m):
+                rref = _throughput(ref).get("roofline", {})
+                row["decode_speedup"] = round(_decode(m) / _decode(ref), 3)
+                if rref.get("bytes_per_token") and rf.get("bytes_per_token"):
+                    row["speedup_bound"] = round(rref["bytes_per_token"] / rf["bytes_per_token"], 3)
         for ds, met in sorted(m.get("metrics", {}).get("perplexity", {}).items()):
             b = base and base.get("metrics", {}).get("perplexity", {}).get(ds)
             same = b and b.get("key") == met.get("key")  # compare only numbers from one protocol
@@ -39,19 +77,33 @@ def _datasets(rs: list[dict]) -> list[str]:
     return sorted({d for r in rs for d in r["ppl"]})
 
 
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
 def _flat(rs: list[dict]) -> tuple[list[str], list[list[str]]]:
     ds = _datasets(rs)
+    speed = any("speed_engine" in r for r in rs)
+    gated = any(r.get("gate") for r in rs)
     header = ["target", "format", "scheme", "size MB", "x vs 16-bit"]
     for d in ds:
         header += [f"ppl {d}", "Δ %"]
+    if speed:
+        header += ["speed engine", "prefill tok/s", "decode tok/s", "decode speedup", "bound", "% of bound"]
+    if gated:
+        header += ["gate"]
     body = []
     for r in rs:
-        line = [r["target"], r["format"], r["scheme"], f"{r['size_mb']:.1f}",
-                f"{r['x_vs_16bit']:.2f}" if r["x_vs_16bit"] else "-"]
+        line = [r["target"], r["format"], r["scheme"], f"{r['size_mb']:.1f}", _fmt(r["x_vs_16bit"], ".2f")]
         for d in ds:
             p = r["ppl"].get(d)
-            line += [f"{p['ppl']:.3f}" if p else "-",
-                     f"{p['change_pct']:+.2f}" if p and p["change_pct"] is not None else "-"]
+            line += [_fmt(p and p["ppl"], ".3f"), _fmt(p and p["change_pct"], "+.2f")]
+        if speed:
+            line += [r.get("speed_engine", "-"), _fmt(r.get("prefill_tok_s"), ".0f"),
+                     _fmt(r.get("decode_tok_s"), ".1f"), _fmt(r.get("decode_speedup"), ".2f"),
+                     _fmt(r.get("speedup_bound"), ".2f"), _fmt(r.get("decode_pct_of_bound"), ".0f")]
+        if gated:
+            line += [r.get("gate") or "-"]
         body.append(line)
     return header, body
 
@@ -69,7 +121,12 @@ def to_markdown(rs: list[dict], title: str = "") -> str:
     lines = [f"## {title}", ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(b) + " |" for b in body]
-    lines += ["", f"Perplexity protocol: {protocol_note(rs)}. Engine: transformers (reference, not serving)."]
+    lines += ["", f"Perplexity protocol: {protocol_note(rs)}."]
+    if any(r.get("speed_engine") == "transformers-eager" for r in rs):
+        lines += ["Speed from `transformers-eager` is a reference measurement of eager PyTorch, not a serving "
+                  "engine's speedup. Decode speedup compares with the dense model in the same engine; `bound` is "
+                  "the memory-bandwidth bound on it (weight bytes read per token); `% of bound` is measured decode "
+                  "as a share of bandwidth / weight bytes."]
     return "\n".join(lines) + "\n"
 
 
@@ -98,11 +155,32 @@ def print_table(rs: list[dict], console: Console | None = None, title: str = "")
     console.print(f"[dim]perplexity: {protocol_note(rs)}[/]")
 
 
+def to_html(rs: list[dict], title: str = "quantkit report", image: str | None = None) -> str:
+    import html
+
+    header, body = _flat(rs)
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in b) + "</tr>" for b in body)
+    img = f'<img src="{html.escape(image)}" alt="Pareto plot" style="max-width:900px">' if image else ""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+            "body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+            "padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}</style></head><body>"
+            f"<h2>{html.escape(title)}</h2><table><tr>{th}</tr>{trs}</table>"
+            f"<p>{html.escape(protocol_note(rs))}</p>{img}</body></html>\n")
+
+
+RENDERERS = {"md": to_markdown, "csv": to_csv, "json": to_json, "html": to_html}
+
+
 def write_reports(rs: list[dict], out_dir: Path, title: str) -> list[Path]:
+    from quantkit.plot import pareto_png
+
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in (("report.md", to_markdown(rs, title)), ("report.json", to_json(rs))):
+    png = pareto_png(rs, out_dir / "pareto.png", title)
+    for name, text in (("report.md", to_markdown(rs, title)), ("report.json", to_json(rs)),
+                       ("report.html", to_html(rs, title, png.name if png else None))):
         p = out_dir / name
         p.write_text(text)
         written.append(p)
-    return written
+    return written + ([png] if png else [])

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from quantkit.recipe.schema import GateSpec
+
 if TYPE_CHECKING:
     from quantkit.context import BuildContext
 
@@ -23,10 +25,14 @@ class TargetOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     format: str
+    gates: GateSpec | None = None  # per-target limits; override the recipe's `gates`
+
+    # fields that say how to build or judge, not what is built: they do not key the artifact
+    NOT_IDENTITY: ClassVar[set[str]] = {"name", "gates"}
 
     def identity(self) -> dict[str, Any]:
-        """The options that define the artifact (the target's name does not)."""
-        return self.model_dump(mode="json", exclude={"name"})
+        """The options that define the artifact (the target's name, gates etc. do not)."""
+        return self.model_dump(mode="json", exclude=self.NOT_IDENTITY)
 
 
 @dataclass
@@ -57,6 +63,11 @@ class Format:
     def describe(self, opts: TargetOptions) -> str:
         """Short scheme label for tables."""
         return opts.format
+
+    def nominal_bits(self, opts: TargetOptions) -> float | None:
+        """Bits per weight of the quantized (linear) weights, scales included; for the memory planner when no
+        artifact exists yet. None: unknown (the planner then needs a built artifact)."""
+        return None
 
     def produce(self, ctx: "BuildContext", opts: TargetOptions, out_dir: Path) -> Produced:
         raise NotImplementedError

@@ -37,6 +37,9 @@ class FP8(Format):
     def describe(self, opts: FP8Options) -> str:
         return SCHEMES[opts.scheme]
 
+    def nominal_bits(self, opts: FP8Options) -> float:
+        return 8.0  # per-channel/per-tensor fp32 scales add < 0.1 bit per weight
+
     def produce(self, ctx, opts: FP8Options, out_dir: Path) -> Produced:
         from llmcompressor.modifiers.quantization import QuantizationModifier
 

@@ -35,8 +35,26 @@ class PerplexitySpec(Strict):
     batch_size: int = Field(1, ge=1)
 
 
+class ThroughputSpec(Strict):
+    prompt_len: int = Field(128, ge=1)
+    gen_len: int = Field(32, ge=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    repetitions: int = Field(3, ge=1)
+    warmup: int = Field(1, ge=0)
+    threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
+
+
 class EvalSpec(Strict):
     perplexity: PerplexitySpec | None = Field(default_factory=PerplexitySpec)
+    throughput: ThroughputSpec | None = None
+
+
+class GateSpec(Strict):
+    """Limits an artifact must meet; a failing artifact is still published (as evidence), marked failed."""
+
+    max_ppl_increase_pct: float | None = None
+    min_decode_speedup: float | None = None
+    max_size_gb: float | None = None
 
 
 class StoreSpec(Strict):
@@ -58,6 +76,7 @@ class Recipe(Strict):
     targets: list[TargetSpec] = Field(default_factory=list)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
+    gates: GateSpec | None = None
     baseline: bool = Field(True, description="evaluate the unquantized model as the comparison row")
 
     @field_validator("targets")

@@ -75,7 +75,9 @@ class Store:
         return self.get(manifest["id"])
 
     def add_eval(self, artifact_id: str, metric: dict) -> None:
-        dest = self._p("evals", artifact_id, f"{metric['key'][:16]}-{metric['dataset']}.json")
+        # perplexity records are per dataset; other kinds (throughput) have one record per artifact
+        label = metric.get("dataset") or metric["kind"]
+        dest = self._p("evals", artifact_id, f"{metric['key'][:16]}-{label}.json")
         self._put_atomic(None, dest, json.dumps(metric, indent=2, sort_keys=True).encode())
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -92,7 +94,11 @@ class Store:
         if self.fs.exists(extra):
             for p in sorted(self.fs.ls(extra, detail=False)):
                 m = json.loads(self.fs.cat_file(p))
-                manifest.setdefault("metrics", {}).setdefault("perplexity", {})[m["dataset"]] = m
+                metrics = manifest.setdefault("metrics", {})
+                if m.get("kind", "perplexity") == "perplexity":
+                    metrics.setdefault("perplexity", {})[m["dataset"]] = m
+                else:
+                    metrics[m["kind"]] = m
         return manifest
 
     def resolve_id(self, prefix: str) -> str:

@@ -6,6 +6,7 @@ are labelled `transformers-eager`.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,59 @@ class TransformersEngine:
                 count += target.numel()
                 bar.advance(task, batch.shape[0])
         return total, count
+
+    def throughput(self, handle: Loaded, spec) -> dict:
+        """Prefill and decode speed with a KV cache, eager PyTorch (a reference, not a serving engine).
+        Prompt tokens are seeded random ids: speed does not depend on what the tokens say."""
+        import statistics
+
+        import torch
+        from rich.progress import Progress
+
+        from quantkit.util import StagePeak
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        model, dev = handle.model, handle.device
+        vocab = model.config.vocab_size
+        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        results = {}
+        gen = torch.Generator().manual_seed(0)
+        with torch.inference_mode(), StagePeak() as rss, Progress(transient=True) as bar:
+            for b in spec.batch_sizes:
+                ids = torch.randint(0, vocab, (b, spec.prompt_len), generator=gen).to(dev)
+                ttft, prefill, decode = [], [], []
+                task = bar.add_task(f"throughput batch {b}", total=spec.warmup + spec.repetitions)
+                for rep in range(spec.warmup + spec.repetitions):
+                    sync()
+                    t0 = time.perf_counter()
+                    out = model(input_ids=ids, use_cache=True)
+                    nxt = out.logits[:, -1:].argmax(-1)
+                    sync()
+                    t1 = time.perf_counter()
+                    cache = out.past_key_values
+                    for _ in range(spec.gen_len - 1):
+                        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                    sync()
+                    t2 = time.perf_counter()
+                    bar.advance(task)
+                    if rep >= spec.warmup:
+                        ttft.append(t1 - t0)
+                        prefill.append(b * spec.prompt_len / (t1 - t0))
+                        decode.append(b * (spec.gen_len - 1) / (t2 - t1))
+                q = statistics.quantiles(ttft, n=100, method="inclusive") if len(ttft) > 1 else ttft * 99
+                results[str(b)] = {"prefill_tok_s": round(statistics.median(prefill), 1),
+                                   "decode_tok_s": round(statistics.median(decode), 2),
+                                   "ttft_p50_s": round(statistics.median(ttft), 4), "ttft_p99_s": round(q[98], 4)}
+        peak = (torch.cuda.max_memory_allocated() / 2**20) if dev == "cuda" else rss.peak
+        return {**self.describe(handle), "engine": "transformers-eager", "serving_engine": False,
+                "batches": results,
+                "peak_memory_mb": round(peak, 1), "peak_memory_kind": "cuda allocated" if dev == "cuda" else "rss",
+                "prompt_len": spec.prompt_len, "gen_len": spec.gen_len, "repetitions": spec.repetitions,
+                "warmup": spec.warmup}
 
     def describe(self, handle: Loaded) -> dict:
         import torch

@@ -140,7 +140,8 @@ def _gate(ctx: BuildContext, opts: TargetOptions, manifest: dict, others: list[d
     if limits is None:
         return None
     row = next(r for r in report.rows([*others, manifest]) if r["id"] == manifest["id"])
-    return {**gates.check(row, limits), "limits": limits.model_dump()}
+    verdict = gates.check(row, limits)
+    return verdict and {**verdict, "limits": limits.model_dump()}
 
 
 def gate_failures(loaded: LoadedRecipe, manifests: list[dict]) -> list[str]:

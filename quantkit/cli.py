@@ -139,6 +139,75 @@ def report_cmd(store: Optional[str] = StoreOpt,
     print(report.RENDERERS[fmt](rs), end="")
 
 
+@app.command()
+def plan(recipe_or_model: str = typer.Argument(..., help="a recipe YAML, a model dir / config.json, or a hub id"),
+         gpu: str = typer.Option("H100-80GB", help="GPU name from quantkit/data/gpus.yaml"),
+         gpus: int = typer.Option(1, help="number of GPUs (tensor parallel)"),
+         batch: int = typer.Option(32, help="concurrent sequences"),
+         context: int = typer.Option(4096, help="tokens per sequence (prompt + generation)"),
+         kv_dtype: str = typer.Option("bf16", help="KV cache dtype: bf16 | fp16 | fp8"),
+         reserve_pct: float = typer.Option(10.0, help="% of GPU memory reserved for activations/runtime"),
+         store: Optional[str] = StoreOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Which artifact fits which GPU: weights + KV cache + reserve, and the largest batch that fits."""
+    from rich.table import Table
+
+    from quantkit import planner
+    from quantkit.formats import format_names, get_format
+
+    kv_bytes = {"bf16": 2, "fp16": 2, "fp8": 1}.get(kv_dtype)
+    if kv_bytes is None:
+        raise UserError(f"--kv-dtype {kv_dtype!r}: expected bf16, fp16 or fp8")
+    candidates = []
+    if recipe_or_model.endswith((".yaml", ".yml")):
+        from quantkit.recipe.loader import load_recipe
+
+        loaded = load_recipe(recipe_or_model)
+        src = loaded.recipe.model.source
+        local = loaded.path.parent / src
+        ref = str(local) if local.exists() else (f"{src}@{loaded.recipe.model.revision}"
+                                                 if loaded.recipe.model.revision else src)
+        shape = planner.shape_from_config(planner.load_config(ref))
+        built = {m["target"]["name"]: m for m in _open_store(store or loaded.recipe.store.uri).list()
+                 if m["recipe"]["name"] == loaded.recipe.name}
+        candidates.append(planner.nominal_candidate("baseline (16-bit)", shape, None))
+        for t in loaded.targets:
+            fmt = get_format(t.format)
+            for v in fmt.variants(t):
+                m = built.get(v.name)
+                weights = m and sum(f["size"] for f in m["files"] if f["path"].endswith((".safetensors", ".gguf")))
+                if weights:
+                    candidates.append(planner.Candidate(v.name, weights, f"store artifact {m['id']}"))
+                else:
+                    candidates.append(planner.nominal_candidate(v.name, shape, fmt.nominal_bits(v) or 16))
+    else:
+        shape = planner.shape_from_config(planner.load_config(recipe_or_model))
+        candidates.append(planner.nominal_candidate("baseline (16-bit)", shape, None))
+        for name in format_names():
+            fmt = get_format(name)
+            try:
+                opts = fmt.Options(name=name, format=name)
+            except Exception:  # formats whose options have required fields have no default to plan for
+                continue
+            for v in fmt.variants(opts):
+                bits = fmt.nominal_bits(v)
+                if bits:
+                    candidates.append(planner.nominal_candidate(f"{v.name} ({fmt.describe(v)})", shape, bits))
+    rows = planner.plan_rows(shape, candidates, gpu, gpus, batch, context, kv_bytes, reserve_pct)
+    if as_json:
+        print(json.dumps({"shape": shape.__dict__, "rows": rows}, indent=2))
+        return
+    t = Table(title=f"{recipe_or_model} on {gpus} x {gpu}, batch {batch}, context {context}, KV {kv_dtype}, "
+                    f"reserve {reserve_pct:g}%")
+    for c in ("artifact", "weights GB", "KV GB", "reserve GB", "need GB", "capacity GB", "fits", "max batch",
+              "basis"):
+        t.add_column(c, justify="left" if c in ("artifact", "basis", "fits") else "right")
+    for r in rows:
+        t.add_row(r["name"], f"{r['weights_gb']:.2f}", f"{r['kv_gb']:.2f}", f"{r['reserve_gb']:.1f}",
+                  f"{r['need_gb']:.2f}", f"{r['capacity_gb']:.0f}", "fits" if r["fits"] else "does not fit",
+                  str(r["max_batch"]), r["basis"])
+    out.print(t)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     try:

@@ -73,7 +73,7 @@ def evaluate(ctx, engine_name: str, path: Path, entry: str, wants: list[Want], c
             bound = decode_bound(wb, bw)
             b1 = r["batches"].get("1")
             r["roofline"] = {**wb, "bandwidth": bw, "decode_bound_tok_s": round(bound, 1),
-                             "decode_pct_of_bound": round(100 * b1["decode_tok_s"] / bound, 1) if b1 else None}
+                             "decode_pct_of_bound": round(100 * b1["decode_tok_s"] / bound, 3) if b1 else None}
             first = next(iter(r["batches"].values()))
             console.print(f"  throughput ({r['engine']}): prefill {first['prefill_tok_s']:.0f} tok/s, decode "
                           f"{first['decode_tok_s']:.1f} tok/s (bound {bound:.0f})", highlight=False)

@@ -18,7 +18,7 @@ from quantkit.formats._classic import export_classic
 from quantkit.formats._groups import Indivisible, plan_groups
 from quantkit.formats._llmcompressor import LIBRARIES, run_oneshot
 from quantkit.formats.base import Format, Produced, TargetOptions, register
-from quantkit.formats.gptq import label, weight_scheme
+from quantkit.formats.gptq import label, nominal_bits, weight_scheme
 
 
 class AWQOptions(TargetOptions):
@@ -64,16 +64,19 @@ class AWQ(Format):
     def describe(self, opts: AWQOptions) -> str:
         return f"AWQ {label(opts.bits, opts.group_size, symmetric=False)}"
 
-    def produce(self, ctx, opts: AWQOptions, out_dir: Path) -> Produced:
-        from llmcompressor.modifiers.quantization import QuantizationModifier
-        from llmcompressor.modifiers.transform.awq import AWQModifier
+    def nominal_bits(self, opts: AWQOptions) -> float:
+        return nominal_bits(opts.bits, opts.group_size, symmetric=False)
 
+    def produce(self, ctx, opts: AWQOptions, out_dir: Path) -> Produced:
         plan = plan_groups(ctx.base_model, opts.group_size, opts.ignore, opts.indivisible, opts.name)
         if opts.export and plan.fallback:  # AWQ GEMM configs are global (unquantized layers can be listed)
             raise UserError(f"export awq: the AWQ GEMM layout has one group size for every layer, but "
                             f"`indivisible: fallback` changes {plan.summary}", where=f"target {opts.name}",
                             fix="use `indivisible: ignore`, a group_size that divides every layer, "
                                 "or drop `export: [awq]`")
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
         ignore = list(opts.ignore) + plan.extra_ignore
         modifiers = [AWQModifier(duo_scaling=opts.duo_scaling, n_grid=opts.n_grid),
                      QuantizationModifier(config_groups=plan.config_groups(weight_scheme(opts.bits, False)),

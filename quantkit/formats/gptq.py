@@ -55,6 +55,11 @@ def label(bits: int, group_size: int | None, symmetric: bool) -> str:
     return f"W{bits}A16 {'g' + str(group_size) if group_size else 'per-channel'}{'' if symmetric else ' asym'}"
 
 
+def nominal_bits(bits: int, group_size: int | None, symmetric: bool) -> float:
+    """Per weight: the integer, plus a 16-bit scale (and a packed zero point) per group."""
+    return bits if group_size is None else bits + (16 + (0 if symmetric else bits)) / group_size
+
+
 @register
 class GPTQ(Format):
     name = "gptq"
@@ -67,16 +72,19 @@ class GPTQ(Format):
     def describe(self, opts: GPTQOptions) -> str:
         return f"{opts.algorithm.upper()} {label(opts.bits, opts.group_size, opts.symmetric)}"
 
-    def produce(self, ctx, opts: GPTQOptions, out_dir: Path) -> Produced:
-        from llmcompressor.modifiers.gptq import GPTQModifier
-        from llmcompressor.modifiers.quantization import QuantizationModifier
+    def nominal_bits(self, opts: GPTQOptions) -> float:
+        return nominal_bits(opts.bits, opts.group_size, opts.symmetric)
 
+    def produce(self, ctx, opts: GPTQOptions, out_dir: Path) -> Produced:
         plan = plan_groups(ctx.base_model, opts.group_size, opts.ignore, opts.indivisible, opts.name)
         if opts.export and (plan.fallback or plan.extra_ignore):
             # v1 configs are global: loaders replace every decoder Linear with one QuantLinear shape
             raise UserError(f"export gptq: the GPTQ v1 layout has one group size for every layer, but "
                             f"`indivisible: {opts.indivisible}` changes {plan.summary}", where=f"target {opts.name}",
                             fix="use a group_size that divides every layer, or drop `export: [gptq]`")
+        from llmcompressor.modifiers.gptq import GPTQModifier
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
         groups = plan.config_groups(weight_scheme(opts.bits, opts.symmetric))
         ignore = list(opts.ignore) + plan.extra_ignore
         if opts.algorithm == "gptq":

@@ -64,6 +64,9 @@ class INT8(Format):
         sq = f"SQ{opts.smoothing_strength:g}+" if opts.smoothing_strength is not None else ""
         return f"INT8 {SCHEMES[opts.scheme]} {sq}{opts.algorithm.upper()}"
 
+    def nominal_bits(self, opts: INT8Options) -> float:
+        return 8.0  # one scale per output channel adds < 0.1 bit per weight
+
     def produce(self, ctx, opts: INT8Options, out_dir: Path) -> Produced:
         from llmcompressor.modifiers.gptq import GPTQModifier
         from llmcompressor.modifiers.quantization import QuantizationModifier

@@ -102,11 +102,8 @@ class LlamaCppEngine:
         return total, count
 
     def describe(self, handle: Loaded) -> dict:
-        import llama_cpp
-
         return {"engine": "llama.cpp", "device": "cpu", "dtype": gguf_file_type(handle.path),
-                "threads": handle.threads,
-                "versions": {**library_versions(), "llama_cpp_python": llama_cpp.__version__}}
+                "threads": handle.threads, "versions": library_versions()}
 
 
 def gguf_file_type(path: Path) -> str:

@@ -1,0 +1,196 @@
+"""The "modelopt-dequant" engine: a reference reader of ModelOpt unified HF checkpoints (`hf_quant_config.json`).
+
+Plain transformers does not understand `quant_method: modelopt`: it upcasts the packed weights without their
+scales and "loads fine" into garbage. This engine decodes the exported tensors the way the format defines them
+(and the way TensorRT-LLM's linear methods use them), builds a plain HF model and scores it with the transformers
+engine's code, so a perplexity from it proves the exported bytes, not just the in-memory quantization:
+
+- weights: FP8 `w * weight_scale`; INT8 `w * weight_scale[:, None]`; INT4 (AWQ) two signed nibbles per byte
+  along the output dim, `* weight_scale` per input block of `group_size`; W4A8 additionally rounds the dequantized
+  weight through FP8 with `weight_scale_2` (TRT-LLM's `W4A8_AWQ_LinearMethod.apply` runs the GEMM in FP8).
+- activations: `pre_quant_scale` multiplies the linear's input (TRT-LLM `W4A16_AWQ_LinearMethod.apply`:
+  `input * pre_quant_scale`); a static `input_scale` fake-quantizes it (FP8 E4M3, or INT8 for SmoothQuant).
+- KV cache: `k_proj.k_scale` / `v_proj.v_scale` fake-quantize keys (after RoPE) and values to FP8, as
+  ModelOpt's calibrated `k_bmm_quantizer` / `v_bmm_quantizer` do.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+from quantkit.evaluation.engines import register_engine
+from quantkit.evaluation.engines.transformers_engine import Loaded, TransformersEngine
+
+FP8_MAX = 448.0
+KV_ATTENTION = "quantkit_fp8_kv"
+
+
+def fp8_roundtrip(x, scale):
+    """Quantize to FP8 E4M3 with a per-tensor scale and back (ModelOpt's fake quant, saturating)."""
+    import torch
+
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+
+def int8_roundtrip(x, scale):
+    return (x / scale).round().clamp(-128, 127) * scale
+
+
+def unpack_int4(packed):
+    """ModelOpt `pack_int4_in_uint8`: byte [i, c] holds row 2i (low nibble) and row 2i+1 (high), signed."""
+    import torch
+
+    b = packed.view(torch.uint8).to(torch.int16)
+    low, high = b & 0x0F, (b >> 4) & 0x0F
+    low = torch.where(low > 7, low - 16, low)
+    high = torch.where(high > 7, high - 16, high)
+    return torch.stack([low, high], dim=1).reshape(2 * packed.shape[0], packed.shape[1]).float()
+
+
+def read_quant_config(path: Path) -> dict:
+    """The legacy `quantization` inner dict (flat 1.x configs are folded into it the way TRT-LLM's
+    `read_modelopt_quant_config` does)."""
+    f = path / "hf_quant_config.json"
+    raw = json.loads(f.read_text()) if f.exists() else \
+        json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    if "quantization" in raw:
+        return dict(raw["quantization"])
+    out = {k: v for k, v in raw.items() if k not in ("producer", "quant_method", "ignore", "config_groups")}
+    out["exclude_modules"] = raw.get("ignore") or []
+    return out
+
+
+def dequantize_state_dict(tensors: dict, qcfg: dict, dtype) -> tuple[dict, dict]:
+    """Dense weights for a plain HF model, plus per-module activation transforms {module: {pqs, input_scale,
+    act}} and KV scales {layer attention module: (k_scale, v_scale)} for the hooks."""
+    import torch
+
+    algo = qcfg.get("quant_algo")
+    group = qcfg.get("group_size")
+    dense, acts, kv = {}, {}, {}
+    for name, t in tensors.items():
+        mod, _, leaf = name.rpartition(".")
+        if leaf == "weight" and f"{mod}.weight_scale" in tensors:
+            s = tensors[f"{mod}.weight_scale"].float()
+            if t.dtype == torch.float8_e4m3fn:  # FP8: per-tensor (or per-channel) scale
+                w = t.float() * (s if s.dim() == 0 else s.reshape(-1, 1))
+            elif t.dtype == torch.int8 and algo and algo.startswith("W8A8"):  # INT8 SQ: per output channel
+                w = t.float() * s.reshape(-1, 1)
+            elif t.dtype in (torch.uint8, torch.int8):  # INT4 packed, block scales (out, in // group)
+                w = unpack_int4(t) * s.repeat_interleave(group, dim=1)
+                if f"{mod}.weight_scale_2" in tensors:  # W4A8: the FP8 GEMM sees fp8(w / s2) * s2
+                    w = fp8_roundtrip(w, tensors[f"{mod}.weight_scale_2"].float())
+            else:
+                raise ValueError(f"{name}: cannot decode dtype {t.dtype} for quant_algo {algo}")
+            dense[name] = w.to(dtype)
+            act = {}
+            if f"{mod}.pre_quant_scale" in tensors:
+                act["pqs"] = tensors[f"{mod}.pre_quant_scale"].float()
+            if f"{mod}.input_scale" in tensors:
+                act["input_scale"] = tensors[f"{mod}.input_scale"].float()
+                act["kind"] = "int8" if t.dtype == torch.int8 else "fp8"
+            if act:
+                acts[mod] = act
+        elif leaf in ("k_scale", "v_scale"):
+            attn = mod.rpartition(".")[0]
+            kv.setdefault(attn, {})[leaf] = t.float()
+        elif leaf in ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "output_scale"):
+            continue
+        else:
+            dense[name] = t.to(dtype) if t.is_floating_point() else t
+    return dense, {"acts": acts, "kv": kv}
+
+
+def _input_hook(act):
+    def hook(module, args):
+        x = args[0]
+        if "pqs" in act:
+            x = x * act["pqs"].to(x.dtype)
+        if "input_scale" in act:
+            s = act["input_scale"].to(x.dtype)
+            x = fp8_roundtrip(x, s) if act["kind"] == "fp8" else int8_roundtrip(x, s)
+        return (x, *args[1:])
+    return hook
+
+
+def _register_fp8_kv_attention():
+    """An attention function that fake-quantizes K (post-RoPE) and V with the module's stored scales, then runs
+    SDPA; modules without scales pass through unchanged."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def fp8_kv_sdpa(module, query, key, value, attention_mask, **kwargs):
+        scales = getattr(module, "_quantkit_kv", None)
+        if scales:
+            key = fp8_roundtrip(key, scales["k_scale"].to(key.dtype))
+            value = fp8_roundtrip(value, scales["v_scale"].to(value.dtype))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(KV_ATTENTION, fp8_kv_sdpa)
+
+
+def build_reference_model(path: Path, dtype):
+    """A plain HF model holding the decoded weights, with input/KV fake-quant hooks as the checkpoint defines."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    qcfg = read_quant_config(path)
+    tensors = {}
+    for f in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    dense, hooks = dequantize_state_dict(tensors, qcfg, dtype)
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):  # build the dense architecture, not a quantized one
+        del config.quantization_config
+    if hooks["kv"]:
+        _register_fp8_kv_attention()
+        config._attn_implementation = KV_ATTENTION
+    try:  # the weights are all overwritten below: skip random init (it costs seconds on CPU)
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(dense, strict=False)
+    tied = {k for k in missing if k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"reference load of {path}: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model.tie_weights()
+    for mod, act in hooks["acts"].items():
+        model.get_submodule(mod).register_forward_pre_hook(_input_hook(act))
+    for attn, scales in hooks["kv"].items():
+        if set(scales) != {"k_scale", "v_scale"}:
+            raise ValueError(f"{attn}: k_scale and v_scale must come together")
+        model.get_submodule(attn)._quantkit_kv = scales
+    model.eval()
+    return model, qcfg
+
+
+@register_engine
+class ModelOptReferenceEngine(TransformersEngine):
+    """Scores a ModelOpt unified checkpoint by decoding it; reuses the transformers engine's `nll`."""
+
+    name = "modelopt-dequant"
+
+    def load(self, path: Path, entry: str = ".", dtype: str = "auto") -> Loaded:
+        import os
+
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # decoded weights are exact in fp32; on a GPU bf16 is what a server would run
+        torch_dtype = torch.bfloat16 if device == "cuda" and dtype in ("auto", "bfloat16") else torch.float32
+        model, qcfg = build_reference_model(Path(path) / entry, torch_dtype)
+        handle = Loaded(model.to(device), device, str(torch_dtype).removeprefix("torch."))
+        handle.quant_config = qcfg
+        return handle
+
+    def describe(self, handle: Loaded) -> dict:
+        out = super().describe(handle)
+        out["engine"] = self.name
+        out["quant_algo"] = getattr(handle, "quant_config", {}).get("quant_algo")
+        return out

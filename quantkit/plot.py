@@ -48,7 +48,7 @@ def pareto_png(rs: list[dict], path: Path, title: str) -> Path | None:
     ax.set_xlabel("decode speedup vs dense model in the same engine (batch 1)")
     ax.set_ylabel(f"perplexity change on {ds} (%)")
     ax.set_title(f"{title}: quality vs speed (marker area ~ artifact size; dashed: Pareto frontier)", fontsize=10)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="best", markerscale=0.4)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

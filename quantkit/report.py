@@ -101,7 +101,7 @@ def _flat(rs: list[dict]) -> tuple[list[str], list[list[str]]]:
         if speed:
             line += [r.get("speed_engine", "-"), _fmt(r.get("prefill_tok_s"), ".0f"),
                      _fmt(r.get("decode_tok_s"), ".1f"), _fmt(r.get("decode_speedup"), ".2f"),
-                     _fmt(r.get("speedup_bound"), ".2f"), _fmt(r.get("decode_pct_of_bound"), ".0f")]
+                     _fmt(r.get("speedup_bound"), ".2f"), _fmt(r.get("decode_pct_of_bound"), ".2g")]
         if gated:
             line += [r.get("gate") or "-"]
         body.append(line)

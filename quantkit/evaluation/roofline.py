@@ -28,9 +28,14 @@ def _count(tensors: dict[str, int]) -> dict:
     return {"bytes_per_token": read, "embedding_bytes": sum(embed.values()), "tied_lm_head": tied}
 
 
-def safetensors_tensor_bytes(directory: Path) -> dict[str, int]:
-    """Tensor name -> stored bytes, from safetensors headers only (no weights are loaded)."""
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def safetensors_tensor_bytes(directory: Path, float_bytes: int | None = None) -> dict[str, int]:
+    """Tensor name -> bytes, from safetensors headers only (no weights are loaded). float_bytes: count
+    floating tensors at this element size (a dense checkpoint loaded in another dtype, e.g. fp32 file as bf16)."""
     import json
+    import math
     import struct
 
     out = {}
@@ -39,9 +44,12 @@ def safetensors_tensor_bytes(directory: Path) -> dict[str, int]:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
         for name, meta in header.items():
-            if name != "__metadata__":
-                start, end = meta["data_offsets"]
-                out[name] = end - start
+            if name == "__metadata__":
+                continue
+            start, end = meta["data_offsets"]
+            out[name] = end - start
+            if float_bytes and meta["dtype"] in FLOAT_DTYPES:
+                out[name] = math.prod(meta["shape"]) * float_bytes
     return out
 
 
@@ -51,11 +59,12 @@ def gguf_tensor_bytes(path: Path) -> dict[str, int]:
     return {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
 
 
-def weight_bytes(path: Path, entry: str = ".") -> dict:
+def weight_bytes(path: Path, entry: str = ".", float_bytes: int | None = None) -> dict:
     """Bytes read per decoded token for an artifact (HF directory or a .gguf entry)."""
     target = Path(path) / entry
-    tensors = gguf_tensor_bytes(target) if target.suffix == ".gguf" else safetensors_tensor_bytes(target)
-    return _count(tensors)
+    if target.suffix == ".gguf":
+        return _count(gguf_tensor_bytes(target))
+    return _count(safetensors_tensor_bytes(target, float_bytes))
 
 
 @functools.lru_cache(maxsize=1)

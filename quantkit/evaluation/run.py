@@ -69,7 +69,10 @@ def evaluate(ctx, engine_name: str, path: Path, entry: str, wants: list[Want], c
                 console.print(f"  throughput: engine {engine_name} cannot measure it; skipped")
                 continue
             r = engine.throughput(handle, ctx.recipe.eval.throughput)
-            wb, bw = weight_bytes(Path(path), entry), memory_bandwidth()
+            # a dense source is read at the dtype it was loaded in (fp32 file evaluated as bf16 on a GPU)
+            dense = Path(entry).is_absolute() and Path(entry) == ctx.source.path
+            itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}.get(r.get("dtype")) if dense else None
+            wb, bw = weight_bytes(Path(path), entry, itemsize), memory_bandwidth()
             bound = decode_bound(wb, bw)
             b1 = r["batches"].get("1")
             r["roofline"] = {**wb, "bandwidth": bw, "decode_bound_tok_s": round(bound, 1),

@@ -10,6 +10,7 @@ from quantkit.formats.base import _REGISTRY, Format, Produced, TargetOptions, re
 
 __all__ = ["Format", "Produced", "TargetOptions", "register", "get_format", "format_names"]
 _loaded = False
+UNAVAILABLE: dict[str, str] = {}  # module -> why it could not be imported (a missing optional dependency)
 
 
 def _discover() -> None:
@@ -19,7 +20,10 @@ def _discover() -> None:
     _loaded = True
     for mod in pkgutil.iter_modules(__path__):
         if not mod.name.startswith("_") and mod.name not in ("base", "layouts"):
-            importlib.import_module(f"{__name__}.{mod.name}")
+            try:
+                importlib.import_module(f"{__name__}.{mod.name}")
+            except ImportError as e:  # one format's missing dependency must not take the others down
+                UNAVAILABLE[mod.name] = f"{type(e).__name__}: {e}"
     for ep in entry_points(group="quantkit.formats"):
         ep.load()
 

@@ -174,7 +174,7 @@ def raise_validation(err: ValidationError, pos: dict, file: Path, prefix: tuple 
 
 
 def load_recipe(path: str | Path) -> LoadedRecipe:
-    from quantkit.formats import get_format, format_names  # late: formats import heavy-ish modules lazily
+    from quantkit.formats import UNAVAILABLE, format_names, get_format  # late: keeps `import` cheap
 
     path = Path(path)
     data, pos = _load_with_extends(path)
@@ -190,6 +190,10 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
             if fmt.internal:
                 raise KeyError(t.format)
         except KeyError:
+            if t.format in UNAVAILABLE:
+                raise UserError(f"targets[{i}].format: format {t.format!r} cannot be loaded here: "
+                                f"{UNAVAILABLE[t.format]}", where=_at(pos, ("targets", i, "format"), path),
+                                fix="install its dependencies (pip install -e .)") from None
             close = difflib.get_close_matches(t.format, format_names(), n=1)
             hint = f" (did you mean `{close[0]}`?)" if close else ""
             raise UserError(f"targets[{i}].format: unknown format {t.format!r}{hint}; known: "

@@ -36,7 +36,8 @@ class TransformersEngine:
         torch_dtype = want.get(dtype, "auto")
         if device == "cpu" and torch_dtype in (torch.bfloat16, torch.float16):
             torch_dtype = torch.float32
-        model = AutoModelForCausalLM.from_pretrained(Path(path) / entry, dtype=torch_dtype, device_map=device)
+        # No device_map: accelerate's dispatch hooks add per-module Python overhead that dominates decode speed.
+        model = AutoModelForCausalLM.from_pretrained(Path(path) / entry, dtype=torch_dtype).to(device)
         model.eval()
         return Loaded(model, device, str(next(model.parameters()).dtype).removeprefix("torch."))
 

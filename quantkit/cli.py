@@ -67,6 +67,8 @@ def _open_store(uri: Optional[str]):
 @app.command()
 def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
           target: Optional[str] = typer.Option(None, "--target", help="build only this target (CI fan-out)"),
+          executor: str = typer.Option("inprocess", "--executor", help="where targets run: inprocess, or "
+                                       "ray[:ADDRESS] (one Ray task per target)"),
           as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
           store: Optional[str] = StoreOpt,
           report_dir: Optional[Path] = typer.Option(None, help="where report.md/json go "
@@ -78,7 +80,7 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
 
     loaded = load_recipe(recipe)
     with _stdout_to_stderr():
-        result = run_build(loaded, only_target=target, store=store, console=err)
+        result = run_build(loaded, only_target=target, store=store, console=err, executor=executor)
     rows = report.rows(result.manifests)
     title = f"{loaded.recipe.name}: {len(result.built)} built, {len(result.cached)} from store"
     paths = report.write_reports(rows, report_dir or Path("reports") / loaded.recipe.name, loaded.recipe.name)

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -22,7 +23,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def rows(result) -> list[dict]:
+def count_produce_cpu(loaded) -> dict[str, float]:
+    """CPU seconds (user + sys) of each target's produce: on a shared host wall time mostly measures the
+    neighbours. Wraps the registered formats' produce; the build itself is untouched."""
+    from quantkit.formats import get_format
+
+    cpu: dict[str, float] = {}
+    for fmt in {get_format(t.format) for t in loaded.targets}:
+        def timed(ctx, opts, out_dir, _produce=fmt.produce):
+            t0 = time.process_time()
+            try:
+                return _produce(ctx, opts, out_dir)
+            finally:
+                cpu[opts.name] = round(time.process_time() - t0, 1)
+        fmt.produce = timed
+    return cpu
+
+
+def rows(result, cpu: dict[str, float]) -> list[dict]:
     """One row per artifact from BuildResult.stages (time, RSS) and its manifest (size, ppl)."""
     stages = {s["stage"]: s for s in result.stages}
     base = next((m for m in result.manifests if m["target"]["format"] == "baseline"), None)
@@ -32,7 +50,7 @@ def rows(result) -> list[dict]:
         produce, evaluate = stages.get(f"{name}: produce", {}), stages.get(f"{name}: evaluate", {})
         exports = m["info"].get("exports", {})
         row = {"target": name, "scheme": m["target"]["scheme"], "cached": m["id"] in result.cached,
-               "produce_s": produce.get("wall_s"), "produce_peak_rss_mb": produce.get("peak_rss_mb"),
+               "produce_s": produce.get("wall_s"), "produce_cpu_s": cpu.get(name), "produce_peak_rss_mb": produce.get("peak_rss_mb"),
                "evaluate_s": evaluate.get("wall_s"),
                "size_mb": round(m["info"].get("entry_bytes", m.get("total_size", 0)) / 1e6, 1),
                "export_mb": {k: round(v["bytes"] / 1e6, 1) for k, v in exports.items()},
@@ -62,8 +80,9 @@ def main() -> None:
     from quantkit.util import host_info, library_versions
 
     loaded = load_recipe(args.recipe)
+    cpu = count_produce_cpu(loaded)
     result = run_build(loaded, only_target=args.target, store=store, console=Console(stderr=True))
-    rs = rows(result)
+    rs = rows(result, cpu)
     total = next(s for s in result.stages if s["stage"] == "total")
     if args.json:
         print(json.dumps({"recipe": loaded.recipe.name, "rows": rs, "stages": result.stages}, indent=2))
@@ -72,7 +91,7 @@ def main() -> None:
     c = loaded.recipe.calibration
     t = Table(title=f"bench_formats: {Path(args.recipe).name} (calibration {c.num_samples} x {c.seq_len}), "
                     f"store {store}")
-    for col in ("target", "scheme", "produce s", "peak RSS MB", "size MB", "export MB", *[f"ppl {d}" for d in datasets]):
+    for col in ("target", "scheme", "produce s", "produce CPU s", "peak RSS MB", "size MB", "export MB", *[f"ppl {d}" for d in datasets]):
         t.add_column(col, justify="left" if col in ("target", "scheme") else "right")
     for r in rs:
         ppl = [f"{p['ppl']:.3f}" + (f" ({p['change_pct']:+.1f}%)" if p["change_pct"] is not None else "")
@@ -81,7 +100,8 @@ def main() -> None:
         rss = f"{r['produce_peak_rss_mb']:.0f}" if r["produce_peak_rss_mb"] else ""
         export = ", ".join(f"{k} {v}" + ("" if r["readback_max_abs_diff"][k] == 0 else " MISMATCH")
                            for k, v in r["export_mb"].items())
-        t.add_row(r["target"], r["scheme"], produce, rss, f"{r['size_mb']:.1f}", export, *ppl)
+        cpu_s = f"{r['produce_cpu_s']:.1f}" if r["produce_cpu_s"] is not None else ""
+        t.add_row(r["target"], r["scheme"], produce, cpu_s, rss, f"{r['size_mb']:.1f}", export, *ppl)
     out = Console(width=200)
     out.print(t)
     h, v = host_info(), library_versions()

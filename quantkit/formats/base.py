@@ -26,9 +26,11 @@ class TargetOptions(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     format: str
     gates: GateSpec | None = None  # per-target limits; override the recipe's `gates`
+    # what a distributed executor reserves for this target, e.g. {num_gpus: 1} (Ray task options)
+    resources: dict[str, float | str] | None = None
 
     # fields that say how to build or judge, not what is built: they do not key the artifact
-    NOT_IDENTITY: ClassVar[set[str]] = {"name", "gates"}
+    NOT_IDENTITY: ClassVar[set[str]] = {"name", "gates", "resources"}
 
     def identity(self) -> dict[str, Any]:
         """The options that define the artifact (the target's name, gates etc. do not)."""

@@ -59,6 +59,9 @@ class GateSpec(Strict):
 
 class StoreSpec(Strict):
     uri: str = "./model-store"
+    options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options for a remote uri, "
+                                    "e.g. {endpoint_url: ..., client_kwargs: {region_name: ...}}; credentials "
+                                    "belong in the environment (AWS_ACCESS_KEY_ID, ...), not in recipes")
 
 
 class TargetSpec(BaseModel):

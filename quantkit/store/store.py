@@ -1,13 +1,14 @@
 """The model store: immutable, content-addressed, published manifest-last.
 
-Layout under the store root (any fsspec URL; a local directory by default):
+Layout under the store root (any fsspec URL: a local directory by default, file://, s3://bucket/prefix, ...):
     blobs/sha256/<2 hex>/<sha256>        file contents, stored once whatever artifact refers to them
     manifests/<artifact id>.json         one per artifact; an entry exists exactly when this file does
     evals/<artifact id>/<key>.json       measurements added after publishing (a new protocol, say)
-    tmp/                                 uploads in flight; never read, removed by `gc`
-Publishing uploads every blob first and the manifest last, each through a temporary name; on a local disk the
-final move is an atomic rename, and on object stores a single PUT is atomic. A build killed at any point
-leaves at most unreferenced blobs, never a visible entry. No shared index is read-modified-written.
+    tmp/                                 local/other back-ends: writes in flight; never read, removed by `gc`
+Publishing uploads every blob first and the manifest last, written once (backends.py says how each kind of
+filesystem makes that atomic). A build killed at any point leaves at most unreferenced blobs, never a visible
+entry. There is no shared index: listing is a listing of manifests/, so concurrent publishers never
+read-modify-write anything, and a listed entry is always complete.
 """
 from __future__ import annotations
 
@@ -16,23 +17,40 @@ import os
 import shutil
 import signal
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import fsspec
 
 from quantkit.errors import UserError
+from quantkit.store.backends import Writer, is_local
 from quantkit.util import sha256_file, sha256_fileobj
 
 MANIFEST_SCHEMA = "quantkit.manifest/1"
+THREADS = 4  # blob transfers in parallel: object stores are latency-bound per request
 
 
 class Store:
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, options: dict[str, Any] | None = None):
+        """`options` are fsspec storage options (e.g. endpoint_url); ignored for local paths. S3 endpoint,
+        region and credentials otherwise come from the usual AWS_* variables (AWS_ENDPOINT_URL, ...)."""
         self.uri = uri
-        self.fs, self.root = fsspec.core.url_to_fs(uri)
-        self.root = self.root.rstrip("/")
-        self.fs.makedirs(self.root, exist_ok=True)
+        fs, root = fsspec.core.url_to_fs(uri)
+        self.options: dict[str, Any] = {}
+        if not is_local(fs):
+            # other processes publish concurrently: a cached directory listing would hide their entries
+            self.options = {"use_listings_cache": False, **(options or {})}
+            fs, root = fsspec.core.url_to_fs(uri, **self.options)
+        self.fs, self.root = fs, root.rstrip("/")
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)  # on S3: creates the bucket if it is missing
+        except FileExistsError:
+            pass
+        self.writer = Writer(self.fs, self.root)
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"
 
     # -- paths -------------------------------------------------------------------------------------------
     def _p(self, *parts: str) -> str:
@@ -44,105 +62,162 @@ class Store:
     def manifest_path(self, artifact_id: str) -> str:
         return self._p("manifests", f"{artifact_id}.json")
 
+    def evals_dir(self, artifact_id: str) -> str:
+        return self._p("evals", artifact_id)
+
     # -- writing -----------------------------------------------------------------------------------------
-    def _put_atomic(self, local: Path | None, dest: str, data: bytes | None = None) -> None:
-        tmp = self._p("tmp", uuid.uuid4().hex)
-        self.fs.makedirs(self._p("tmp"), exist_ok=True)
-        if data is not None:
-            self.fs.pipe_file(tmp, data)
-        else:
-            self.fs.put_file(str(local), tmp)
-        self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.mv(tmp, dest)
+    def has_blob(self, digest: str) -> bool:
+        return self.fs.exists(self.blob_path(digest))
+
+    def put_blob(self, local: Path, digest: str) -> bool:
+        """Store local's bytes under digest unless present; True if bytes were written."""
+        dest = self.blob_path(digest)
+        if self.fs.exists(dest):
+            self.writer.touch(dest)  # a reused blob counts as fresh for `gc --older-than`
+            return False
+        self.writer.put_blob(local, dest)
+        return True
 
     def publish(self, staging: Path | None, manifest: dict) -> dict:
         """Upload staging's files as blobs, then the manifest (with file list, sizes, hashes) last."""
-        files = []
-        if staging is not None:
-            for f in sorted(p for p in staging.rglob("*") if p.is_file()):
-                digest = sha256_file(f)
-                files.append({"path": f.relative_to(staging).as_posix(), "size": f.stat().st_size,
-                              "sha256": digest})
-                if not self.fs.exists(self.blob_path(digest)):
-                    self._put_atomic(f, self.blob_path(digest))
+        paths = sorted(p for p in staging.rglob("*") if p.is_file()) if staging is not None else []
+
+        def upload(f: Path) -> dict:
+            digest = sha256_file(f)
+            self.put_blob(f, digest)
+            return {"path": f.relative_to(staging).as_posix(), "size": f.stat().st_size, "sha256": digest}
+
+        with ThreadPoolExecutor(THREADS) as pool:
+            files = list(pool.map(upload, paths))
         manifest = {**manifest, "schema": MANIFEST_SCHEMA, "files": files,
                     "total_size": sum(f["size"] for f in files)}
         if files and os.environ.get("QUANTKIT_TEST_KILL_POINT") == "before-manifest":  # killed-publish test
             os.kill(os.getpid(), signal.SIGKILL)
-        dest = self.manifest_path(manifest["id"])
-        if not self.fs.exists(dest):  # a concurrent identical publish may have won; both are the same entry
-            self._put_atomic(None, dest, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        # written once: a concurrent publish of the same id (same key, so the same artifact) may have won
+        self.writer.create_bytes(json.dumps(manifest, indent=2, sort_keys=True).encode(),
+                                 self.manifest_path(manifest["id"]))
+        # a `gc` racing this publish could have dropped a reused blob between our check and the manifest
+        # write; put back whatever is missing now that the manifest protects it
+        for p, f in zip(paths, files):
+            if not self.has_blob(f["sha256"]):
+                self.writer.put_blob(p, self.blob_path(f["sha256"]))
         return self.get(manifest["id"])
 
     def add_eval(self, artifact_id: str, metric: dict) -> None:
         # perplexity records are per dataset; other kinds (throughput) have one record per artifact
         label = metric.get("dataset") or metric["kind"]
         dest = self._p("evals", artifact_id, f"{metric['key'][:16]}-{label}.json")
-        self._put_atomic(None, dest, json.dumps(metric, indent=2, sort_keys=True).encode())
+        self.writer.put_bytes(json.dumps(metric, indent=2, sort_keys=True).encode(), dest)
+
+    def remove(self, artifact_id: str) -> None:
+        """Delete the entry (its manifest first, then its eval records); its blobs go at `gc`."""
+        self.fs.rm_file(self.manifest_path(artifact_id))
+        try:
+            self.fs.rm(self.evals_dir(artifact_id), recursive=True)
+        except FileNotFoundError:
+            pass
 
     # -- reading -----------------------------------------------------------------------------------------
     def has(self, artifact_id: str) -> bool:
         return self.fs.exists(self.manifest_path(artifact_id))
 
-    def get(self, artifact_id: str) -> dict:
+    def raw_manifest(self, artifact_id: str) -> dict:
+        """The manifest exactly as published (without eval records merged in)."""
         try:
-            manifest = json.loads(self.fs.cat_file(self.manifest_path(artifact_id)))
+            return json.loads(self.fs.cat_file(self.manifest_path(artifact_id)))
         except FileNotFoundError:
             raise UserError(f"no artifact {artifact_id!r} in store {self.uri}",
                             fix="see `quantkit store list`") from None
-        extra = self._p("evals", artifact_id)
-        if self.fs.exists(extra):
-            for p in sorted(self.fs.ls(extra, detail=False)):
-                m = json.loads(self.fs.cat_file(p))
-                metrics = manifest.setdefault("metrics", {})
-                if m.get("kind", "perplexity") == "perplexity":
-                    metrics.setdefault("perplexity", {})[m["dataset"]] = m
-                else:
-                    metrics[m["kind"]] = m
+
+    def eval_files(self, artifact_id: str) -> list[str]:
+        try:
+            return sorted(p for p in self.fs.ls(self.evals_dir(artifact_id), detail=False) if p.endswith(".json"))
+        except FileNotFoundError:
+            return []
+
+    def get(self, artifact_id: str) -> dict:
+        manifest = self.raw_manifest(artifact_id)
+        for p in self.eval_files(artifact_id):
+            m = json.loads(self.fs.cat_file(p))
+            metrics = manifest.setdefault("metrics", {})
+            if m.get("kind", "perplexity") == "perplexity":
+                metrics.setdefault("perplexity", {})[m["dataset"]] = m
+            else:
+                metrics[m["kind"]] = m
         return manifest
 
     def resolve_id(self, prefix: str) -> str:
-        ids = [m for m in self.ids() if m.startswith(prefix)]
+        ids = self.ids()
+        if prefix in ids:
+            return prefix
+        ids = [m for m in ids if m.startswith(prefix)]
         if len(ids) != 1:
             raise UserError(f"{'no' if not ids else 'several'} artifacts match {prefix!r} in {self.uri}",
                             fix="give more of the id (see `quantkit store list`)")
         return ids[0]
 
     def ids(self) -> list[str]:
-        d = self._p("manifests")
-        if not self.fs.exists(d):
+        try:
+            names = self.fs.ls(self._p("manifests"), detail=False)
+        except FileNotFoundError:
             return []
-        return sorted(p.rsplit("/", 1)[-1][:-5] for p in self.fs.ls(d, detail=False) if p.endswith(".json"))
+        return sorted(p.rsplit("/", 1)[-1][:-5] for p in names if p.endswith(".json"))
 
     def list(self) -> Iterator[dict]:
         for i in self.ids():
-            yield self.get(i)
+            try:
+                yield self.get(i)
+            except UserError:  # removed between listing and reading: not an entry any more
+                continue
 
     def materialize(self, artifact_id: str, dest: Path) -> Path:
-        """Rebuild the artifact's directory from blobs (hash-checked), e.g. to evaluate it again."""
+        """Rebuild the artifact's directory from blobs, checking every hash. The files are written to a
+        sibling temporary directory and moved into place only when all are good, so a corrupt or missing blob
+        leaves nothing behind (and never touches what was at dest)."""
         manifest = self.get(artifact_id)
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in manifest["files"]:
-            out = dest / f["path"]
+        dest = Path(dest)
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise UserError(f"{dest} exists and is not an empty directory", fix="pull into a new directory")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
+
+        def fetch(f: dict) -> None:
+            out = part / f["path"]
             out.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(self.blob_path(f["sha256"]), str(out))
-            if sha256_file(out) != f["sha256"]:
-                shutil.rmtree(dest, ignore_errors=True)
-                raise UserError(f"store blob for {artifact_id}/{f['path']} is corrupt (sha256 mismatch)",
-                                fix="`quantkit store verify` and rebuild that target")
+            try:
+                self.fs.get_file(self.blob_path(f["sha256"]), str(out))
+            except FileNotFoundError:
+                raise UserError(f"store blob for {artifact_id}/{f['path']} is missing ({f['sha256'][:12]})",
+                                fix="`quantkit store verify`, then rebuild or push that artifact again") from None
+            now = sha256_file(out)
+            if now != f["sha256"]:
+                raise UserError(f"store blob for {artifact_id}/{f['path']} is corrupt (sha256 {now[:12]}, "
+                                f"expected {f['sha256'][:12]}); nothing written to {dest}",
+                                fix="`quantkit store verify`, then rebuild or push that artifact again")
+
+        try:
+            part.mkdir()
+            with ThreadPoolExecutor(THREADS) as pool:
+                list(pool.map(fetch, manifest["files"]))
+            if dest.exists():
+                dest.rmdir()
+            part.rename(dest)
+        finally:
+            shutil.rmtree(part, ignore_errors=True)
         return dest
 
     def verify(self, artifact_id: str | None = None) -> list[str]:
         """Re-hash every blob the manifest(s) reference; returns problems (empty = all good)."""
         problems = []
         for i in [artifact_id] if artifact_id else self.ids():
-            for f in self.get(i)["files"]:
+            for f in self.raw_manifest(i)["files"]:
                 p = self.blob_path(f["sha256"])
-                if not self.fs.exists(p):
+                try:
+                    with self.fs.open(p, "rb") as fh:
+                        now = sha256_fileobj(fh)
+                except FileNotFoundError:
                     problems.append(f"{i}: {f['path']}: blob missing")
                     continue
-                with self.fs.open(p, "rb") as fh:
-                    now = sha256_fileobj(fh)
                 if now != f["sha256"]:
                     problems.append(f"{i}: {f['path']}: sha256 mismatch (stored {f['sha256'][:12]}, "
                                     f"now {now[:12]})")

@@ -170,10 +170,14 @@ def build_reference_model(path: Path, dtype):
 
 
 @register_engine
-class ModelOptReferenceEngine(TransformersEngine):
-    """Scores a ModelOpt unified checkpoint by decoding it; reuses the transformers engine's `nll`."""
+class ModelOptReferenceEngine:
+    """Scores a ModelOpt unified checkpoint by decoding it; perplexity is the transformers engine's `nll`.
+    No `throughput`: the speed of a dequantized fp32 model says nothing about the artifact's serving speed."""
 
     name = "modelopt-dequant"
+
+    def __init__(self):
+        self._scorer = TransformersEngine()
 
     def load(self, path: Path, entry: str = ".", dtype: str = "auto") -> Loaded:
         import os
@@ -189,8 +193,11 @@ class ModelOptReferenceEngine(TransformersEngine):
         handle.quant_config = qcfg
         return handle
 
+    def nll(self, handle: Loaded, ids, batch_size: int = 1, label: str = "") -> tuple[float, int]:
+        return self._scorer.nll(handle, ids, batch_size=batch_size, label=label)
+
     def describe(self, handle: Loaded) -> dict:
-        out = super().describe(handle)
+        out = self._scorer.describe(handle)
         out["engine"] = self.name
         out["quant_algo"] = getattr(handle, "quant_config", {}).get("quant_algo")
         return out

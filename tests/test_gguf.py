@@ -1,0 +1,195 @@
+"""GGUF through llama.cpp on the real SmolLM2-135M: one build (F16, Q8_0, Q4_K_M, Q4_K_M+imatrix) shared by the
+tests; quality under the common protocol, llama-perplexity agreement, file metadata, imatrix reuse by the CLI."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from quantkit.store.store import Store
+
+gguf = pytest.importorskip("gguf")
+llama_cpp = pytest.importorskip("llama_cpp")
+
+
+def _tool(name: str) -> Path:
+    from quantkit.errors import UserError
+    from quantkit.toolchain.llama_cpp import find_tool
+
+    try:
+        return find_tool(name)
+    except UserError as e:
+        pytest.skip(f"{name} not installed ({e.one_line()})")
+
+
+def _recipe(tmp: Path, model: Path, store: Path) -> Path:
+    f = tmp / "gguf.yaml"
+    f.write_text(f"""\
+name: gguf-test
+model: {{source: {model}, dtype: float32}}
+calibration: {{dataset: c4, num_samples: 16, seq_len: 256, seed: 0}}
+targets:
+  - {{name: gguf, format: gguf, types: [F16, Q8_0, Q4_K_M], llama_cpp_ppl_chunks: 8, bench_reps: 0}}
+  - {{name: gguf-imat, format: gguf, types: [Q4_K_M], imatrix: true, llama_cpp_ppl_chunks: 8, bench_reps: 1}}
+eval: {{perplexity: {{datasets: [wikitext2], seq_len: 512, max_windows: 8}}}}
+store: {{uri: {store}}}
+""")
+    return f
+
+
+@pytest.fixture(scope="module")
+def built(smollm2, tmp_path_factory):
+    _tool("llama-quantize")  # skips when llama.cpp's tools were never built
+    tmp = tmp_path_factory.mktemp("gguf")
+    store = tmp / "store"
+    r = run_cli("build", str(_recipe(tmp, smollm2, store)), "--json", "--report-dir", str(tmp / "reports"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = Store(str(store))
+    by_name = {m["target"]["name"]: m for m in s.list()}
+    return s, by_name, tmp
+
+
+def _file(built, target: str) -> Path:
+    s, by_name, tmp = built
+    m = by_name[target]
+    d = tmp / "pulled" / target
+    if not d.exists():
+        s.materialize(m["id"], d)
+    return d / m["entry"]
+
+
+def _ppl(m: dict) -> float:
+    return m["metrics"]["perplexity"]["wikitext2"]["ppl"]
+
+
+def test_variants_and_manifests(built):
+    s, by_name, _ = built
+    assert set(by_name) == {"baseline", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-imat-q4_k_m"}
+    for name in ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m"):
+        m = by_name[name]
+        assert m["engine"] == "llama.cpp" and m["entry"].endswith(".gguf")
+        assert m["calibration"] is None and m["info"]["imatrix"] == {"used": False}
+        assert [f["path"] for f in m["files"]] == [m["entry"]]
+    imat = by_name["gguf-imat-q4_k_m"]
+    assert imat["calibration"]["num_samples"] == 16 and imat["calibration"]["seq_len"] == 256
+    assert imat["info"]["imatrix"]["used"] and imat["info"]["imatrix"]["entries"] == 210  # 30 layers x 7
+    assert sorted(f["path"] for f in imat["files"]) == sorted([imat["entry"], "imatrix.gguf"])
+    tp = imat["info"]["throughput"]  # measured only where bench_reps > 0 (tg128 is slow on a busy machine)
+    assert tp["pp"]["test"] == "pp512" and tp["tg"]["test"] == "tg128" and tp["reps"] == 1
+    assert tp["pp"]["avg_ts"] > 0 and tp["tg"]["avg_ts"] > 0 and tp["threads"] >= 1
+    assert "throughput" not in by_name["gguf-f16"]["info"]
+    for m in by_name.values():
+        if m["engine"] != "llama.cpp":
+            continue
+        met = m["metrics"]["perplexity"]["wikitext2"]
+        assert met["engine"] == "llama.cpp" and met["windows"] == 8 and met["protocol"] == "gptq-concat/1"
+        info = m["info"]
+        lp = info["llama_cpp_perplexity"]
+        assert lp["chunks"] == 8 and lp["n_ctx"] == 512 and lp["tokens_scored"] == 8 * 255 and lp["ppl"] > 1
+        assert 0 < info["bits_per_weight"] <= 16.5 and info["file_size"] > 0
+
+
+def test_f16_matches_transformers_baseline(built):
+    _, by_name, _ = built
+    base, f16 = _ppl(by_name["baseline"]), _ppl(by_name["gguf-f16"])
+    # same token ids, same windows: only fp16 weights and llama.cpp's kernels differ
+    assert by_name["gguf-f16"]["metrics"]["perplexity"]["wikitext2"]["key"] == \
+        by_name["baseline"]["metrics"]["perplexity"]["wikitext2"]["key"]
+    assert abs(f16 / base - 1) < 0.005, (f16, base)
+
+
+def test_imatrix_beats_plain_q4_k_m(built):
+    _, by_name, _ = built
+    plain, imat = by_name["gguf-q4_k_m"], by_name["gguf-imat-q4_k_m"]
+    assert _ppl(imat) < _ppl(plain), (_ppl(imat), _ppl(plain))
+    assert imat["info"]["llama_cpp_perplexity"]["ppl"] < plain["info"]["llama_cpp_perplexity"]["ppl"]
+    assert _ppl(by_name["gguf-q8_0"]) < _ppl(plain)
+
+
+def test_gguf_metadata_and_tensor_types(built):
+    _, by_name, _ = built
+    expect = {"gguf-f16": (llama_cpp.LLAMA_FTYPE_MOSTLY_F16, {"F16", "F32"}),
+              "gguf-q8_0": (llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, {"Q8_0", "F32"}),
+              "gguf-q4_k_m": (llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, {"Q4_K", "Q5_0", "Q6_K", "F32"})}
+    for name, (ftype, must_have) in expect.items():
+        r = gguf.GGUFReader(str(_file(built, name)))
+        assert r.fields["general.architecture"].contents() == "llama"
+        assert r.fields["tokenizer.ggml.model"].contents() == "gpt2"
+        assert r.fields["general.file_type"].contents() == ftype
+        assert len(r.tensors) == 272
+        mix: dict[str, int] = {}
+        for t in r.tensors:
+            mix[t.tensor_type.name] = mix.get(t.tensor_type.name, 0) + 1
+        assert must_have <= set(mix), mix
+        assert by_name[name]["info"]["tensor_types"] == mix  # the manifest reports what was written
+    q4 = by_name["gguf-q4_k_m"]["info"]
+    # hidden size 576 is not a multiple of 256: most "Q4_K_M" tensors fall back to Q5_0, and the log said so
+    assert q4["tensor_types"]["Q5_0"] > q4["tensor_types"]["Q4_K"]
+    assert any("fallback" in w for w in q4["fallback_warnings"])
+    assert 4.5 < q4["bits_per_weight"] < 7 and by_name["gguf-f16"]["info"]["bits_per_weight"] == pytest.approx(16, abs=0.1)
+
+
+def _llama_perplexity(model: Path, text_file: Path, chunks: int, threads: int) -> float:
+    exe = _tool("llama-perplexity")
+    p = subprocess.run([str(exe), "-m", str(model), "-f", str(text_file), "-c", "512", "--chunks", str(chunks),
+                        "-t", str(threads)], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", p.stdout + p.stderr)
+    assert m, (p.stdout + p.stderr)[-2000:]
+    return float(m.group(1))
+
+
+@pytest.mark.parametrize("target", ["gguf-f16", "gguf-imat-q4_k_m"])
+def test_llama_cpp_protocol_equals_llama_perplexity(built, target, tmp_path):
+    from quantkit.formats.gguf import llama_cpp_eval_text
+
+    _, by_name, _ = built
+    text, meta = llama_cpp_eval_text()
+    text_file = tmp_path / "wiki.test.raw"
+    text_file.write_text(text)
+    ours = by_name[target]["info"]["llama_cpp_perplexity"]
+    assert ours["text_sha256"] == meta["text_sha256"]
+    theirs = _llama_perplexity(_file(built, target), text_file, ours["chunks"], by_name[target]["info"]["threads"])
+    assert abs(ours["ppl"] - theirs) < 5e-4, (ours["ppl"], theirs)  # llama-perplexity prints 4 decimals
+
+
+def test_imatrix_file_is_reusable_by_llama_quantize(built, tmp_path):
+    """`llama-quantize --imatrix imatrix.gguf` (the artifact's file) writes the same tensors as our C-API route."""
+    from quantkit.toolchain.llama_cpp import run_tool
+
+    _, by_name, _ = built
+    imat_gguf = _file(built, "gguf-imat-q4_k_m")
+    out = tmp_path / "cli-Q4_K_M.gguf"
+    p = run_tool("llama-quantize", ["--imatrix", imat_gguf.parent / "imatrix.gguf", _file(built, "gguf-f16"), out,
+                                    "Q4_K_M", "2"])
+    assert "loaded 210 importance matrix entries" in p.stdout + p.stderr
+    ours = {t.name: t for t in gguf.GGUFReader(str(imat_gguf)).tensors}
+    cli = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    assert ours.keys() == cli.keys()
+    for name, t in ours.items():
+        assert t.tensor_type == cli[name].tensor_type and bytes(t.data) == bytes(cli[name].data), name
+
+
+def test_bad_type_names_are_one_line(smollm2, tmp_path):
+    for bad, hint in (("types: [F16, Q4_K_X]", "Q4_K_"), ("types: [q4_k_m]\n    output_tensor_type: Q9_9", "Q")):
+        f = tmp_path / "bad.yaml"
+        f.write_text(f"name: bad\nmodel: {{source: {smollm2}}}\ntargets:\n  - name: g\n    format: gguf\n    {bad}\n")
+        r = run_cli("recipe", "validate", str(f))
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+        assert "unknown llama.cpp" in r.stderr and "did you mean" in r.stderr and hint in r.stderr
+
+
+def test_imatrix_only_where_the_type_uses_it():
+    from quantkit.formats import get_format
+
+    fmt = get_format("gguf")
+    opts = fmt.Options(name="g", format="gguf", types=["f16", "Q8_0", "Q4_K_M"], imatrix=True)
+    vs = fmt.variants(opts)
+    assert [(v.name, v.types, v.imatrix) for v in vs] == [("g-f16", ["F16"], False), ("g-q8_0", ["Q8_0"], False),
+                                                          ("g-q4_k_m", ["Q4_K_M"], True)]
+    assert [fmt.needs_calibration(v) for v in vs] == [False, False, True]
+    assert json.dumps(vs[0].identity())  # keys are JSON

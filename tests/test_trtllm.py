@@ -1,0 +1,203 @@
+"""TensorRT-LLM target (ModelOpt unified HF checkpoints): the loader check on hand-made and real exports, the
+one-line refusals, and (slow) SmolLM2 fp8 + int4_awq g64 builds whose decoded exports reproduce ModelOpt's
+fake-quant perplexity."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from quantkit.formats._modelopt_check import check_checkpoint
+from quantkit.store.store import Store
+
+CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+       "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": 32,
+       "tie_word_embeddings": True, "dtype": "float32"}
+SHAPES = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64),
+          "gate_proj": (128, 64), "up_proj": (128, 64), "down_proj": (64, 128)}
+
+
+def _write(path: Path, tensors: dict, quant: dict) -> Path:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(CFG))
+    (path / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"}, "quantization": quant}))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path / "model.safetensors")
+    return path
+
+
+def _fp8_tensors(kv: bool = False) -> dict:
+    import torch
+
+    t = {"model.embed_tokens.weight": torch.zeros(32, 64), "model.norm.weight": torch.ones(64)}
+    for leaf, (o, i) in SHAPES.items():
+        sub = "self_attn" if leaf.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+        m = f"model.layers.0.{sub}.{leaf}"
+        t[f"{m}.weight"] = torch.zeros(o, i).to(torch.float8_e4m3fn)
+        t[f"{m}.weight_scale"] = torch.tensor(0.01)
+        t[f"{m}.input_scale"] = torch.tensor(0.02)
+    if kv:
+        t["model.layers.0.self_attn.k_proj.k_scale"] = torch.tensor(0.1)
+        t["model.layers.0.self_attn.v_proj.v_scale"] = torch.tensor(0.1)
+    return t
+
+
+def _awq_tensors(group: int = 32) -> dict:
+    import torch
+
+    t = {"model.embed_tokens.weight": torch.zeros(32, 64), "model.norm.weight": torch.ones(64)}
+    for leaf, (o, i) in SHAPES.items():
+        sub = "self_attn" if leaf.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+        m = f"model.layers.0.{sub}.{leaf}"
+        t[f"{m}.weight"] = torch.zeros(o // 2, i, dtype=torch.uint8)
+        t[f"{m}.weight_scale"] = torch.ones(o, i // group)
+        if leaf in ("o_proj", "down_proj"):  # q/k/v and gate/up have theirs folded into the norms
+            t[f"{m}.pre_quant_scale"] = torch.ones(i)
+    return t
+
+
+FP8 = {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": ["lm_head", "model.embed_tokens"]}
+AWQ = {"quant_algo": "W4A16_AWQ", "kv_cache_quant_algo": None, "group_size": 32, "has_zero_point": False,
+       "pre_quant_scale": True, "exclude_modules": ["lm_head", "model.embed_tokens"]}
+Q = "model.layers.0.self_attn.q_proj"
+
+
+def test_check_accepts_well_formed_fp8_and_awq(tmp_path):
+    assert check_checkpoint(_write(tmp_path / "fp8", _fp8_tensors(), FP8)) == []
+    assert check_checkpoint(_write(tmp_path / "kv", _fp8_tensors(kv=True), {**FP8, "kv_cache_quant_algo": "FP8"})) == []
+    assert check_checkpoint(_write(tmp_path / "awq", _awq_tensors(), AWQ)) == []
+
+
+@pytest.mark.parametrize("breakage, expect", [
+    (lambda t, q: t.pop(f"{Q}.weight_scale"), "q_proj.weight_scale missing"),
+    (lambda t, q: t.__setitem__(f"{Q}.weight", t[f"{Q}.weight"].float()), "q_proj.weight: F32"),
+    (lambda t, q: t.__setitem__(f"{Q}.weight_scale", t[f"{Q}.weight_scale"].repeat(2)), "expected one float"),
+    (lambda t, q: t.pop("model.layers.0.self_attn.k_proj.input_scale"), "input_scale on some of"),
+    (lambda t, q: q.__setitem__("quant_algo", "FP9"), "not a TensorRT-LLM QuantAlgo"),
+    (lambda t, q: q.__setitem__("quant_algo", "W8A8_SQ_PER_CHANNEL"), "no INT8 SmoothQuant linear"),
+    (lambda t, q: q.__setitem__("kv_cache_quant_algo", "FP8"), "no *.k_proj.k_scale"),
+    # excluding q_proj alone: TRT-LLM quantizes the fused qkv_proj, whose q member has no scales
+    (lambda t, q: q["exclude_modules"].append(Q), "differently from TRT-LLM's fused model.layers.0.self_attn.qkv_proj"),
+])
+def test_check_rejects_broken_fp8(tmp_path, breakage, expect):
+    tensors, quant = _fp8_tensors(), json.loads(json.dumps(FP8))
+    breakage(tensors, quant)
+    problems = check_checkpoint(_write(tmp_path / "broken", tensors, quant))
+    assert any(expect in p for p in problems), problems
+
+
+@pytest.mark.parametrize("breakage, expect", [
+    (lambda t, q: t.pop("model.layers.0.mlp.down_proj.pre_quant_scale"), "down_proj.pre_quant_scale missing"),
+    (lambda t, q: t.__setitem__(f"{Q}.pre_quant_scale", t["model.layers.0.self_attn.o_proj.pre_quant_scale"].clone()),
+     "fused q/k/v and gate/up loaders never read it"),
+    (lambda t, q: t.__setitem__(f"{Q}.weight", t[f"{Q}.weight"].T.contiguous()), "q_proj.weight: U8 [64, 32]"),
+    (lambda t, q: q.__setitem__("group_size", 64), "q_proj.weight_scale: F32 [64, 2]"),
+    (lambda t, q: q.__setitem__("has_zero_point", True), "has_zero_point"),
+])
+def test_check_rejects_broken_awq(tmp_path, breakage, expect):
+    tensors, quant = _awq_tensors(), json.loads(json.dumps(AWQ))
+    breakage(tensors, quant)
+    problems = check_checkpoint(_write(tmp_path / "broken", tensors, quant))
+    assert any(expect in p for p in problems), problems
+
+
+def _tiny_recipe(tmp_path: Path, model: Path, targets: str) -> Path:
+    f = tmp_path / "tiny-trt.yaml"
+    f.write_text(f"""\
+name: tiny-trt
+model: {{source: {model}, dtype: float32}}
+calibration: {{dataset: c4, num_samples: 2, seq_len: 32, seed: 0}}
+targets:
+{targets}
+eval: {{perplexity: {{datasets: [wikitext2], seq_len: 64, max_windows: 2}}}}
+store: {{uri: {tmp_path / 'store'}}}
+""")
+    return f
+
+
+@pytest.mark.parametrize("target, expect", [
+    ("{name: sq, format: trtllm, scheme: int8_sq}", "no INT8 SmoothQuant linear"),
+    ("{name: fp4, format: trtllm, scheme: nvfp4}", "nvfp4 needs"),
+    ("{name: g, format: trtllm, scheme: int4_awq}", "group_size 128 does not divide in_features 64"),
+])
+def test_unbuildable_schemes_fail_in_one_line_without_an_artifact(tiny_llama, tmp_path, target, expect):
+    recipe = _tiny_recipe(tmp_path, tiny_llama, f"  - {target}")
+    name = target.split(",")[0].split()[-1]
+    r = run_cli("build", str(recipe), "--target", name)
+    assert r.returncode == 2 and expect in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error:")
+    assert [m["target"]["name"] for m in Store(str(tmp_path / "store")).list()] == ["baseline"]
+
+
+# --- SmolLM2-135M end to end (slow: ModelOpt calibration and three perplexity passes per target on CPU) ---
+
+TARGETS = """\
+  - {name: trt-fp8, format: trtllm, scheme: fp8}
+  - {name: trt-int4-awq-g64, format: trtllm, scheme: int4_awq, group_size: 64}"""
+
+
+@pytest.fixture(scope="module")
+def smol_built(smollm2, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trtllm")
+    recipe = tmp / "smol-trt.yaml"
+    recipe.write_text(f"""\
+name: smol-trt
+model: {{source: {smollm2}, dtype: float32}}
+calibration: {{dataset: c4, num_samples: 8, seq_len: 256, seed: 0}}
+targets:
+{TARGETS}
+eval: {{perplexity: {{datasets: [wikitext2], seq_len: 512, max_windows: 8}}}}
+store: {{uri: {tmp / 'store'}}}
+""")
+    r = run_cli("build", str(recipe), "--json", "--report-dir", str(tmp / "rep"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    store = Store(str(tmp / "store"))
+    manifests = {m["target"]["name"]: m for m in store.list()}
+    dirs = {n: store.materialize(m["id"], tmp / "pulled" / n) for n, m in manifests.items() if m["files"]}
+    return {row["target"]: row for row in json.loads(r.stdout)["rows"]}, manifests, dirs
+
+
+@pytest.mark.slow
+def test_smollm2_exports_match_fake_quant_and_fp8_is_near_baseline(smol_built):
+    rows, manifests, _ = smol_built
+    for name, algo in (("trt-fp8", "FP8"), ("trt-int4-awq-g64", "W4A16_AWQ")):
+        m = manifests[name]
+        info = m["info"]
+        assert m["engine"] == "modelopt-dequant" and info["quant_algo"] == algo
+        assert info["hf_quant_config"]["quantization"]["quant_algo"] == algo
+        assert info["loader_check"] == "passed"
+        assert info["trtllm_load"] == "not run (tensorrt_llm not installed)"
+        # the decoded export reproduces ModelOpt's fake-quant model on the build's own windows
+        assert abs(info["reference_ppl"] / info["fake_quant"]["ppl"] - 1) <= 0.005, info
+        assert m["metrics"]["perplexity"]["wikitext2"]["ppl"] == pytest.approx(info["reference_ppl"], rel=1e-3)
+        assert m["total_size"] < rows["baseline"]["size_mb"] * 1e6 * 0.5
+    assert manifests["trt-int4-awq-g64"]["info"]["hf_quant_config"]["quantization"]["group_size"] == 64
+    assert 0 <= rows["trt-fp8"]["ppl"]["wikitext2"]["change_pct"] < 5.0, rows["trt-fp8"]
+    assert rows["trt-int4-awq-g64"]["ppl"]["wikitext2"]["change_pct"] < 50.0  # 4-bit on a 135M model: sane
+
+
+@pytest.mark.slow
+def test_loader_check_passes_real_exports_and_fails_broken_copies(smol_built, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    _, _, dirs = smol_built
+    for name, d in dirs.items():
+        assert check_checkpoint(d) == [], name
+        tensors = load_file(d / "model.safetensors")
+        for label, breakage in (
+            ("missing weight_scale", lambda t: t.pop("model.layers.3.mlp.down_proj.weight_scale")),
+            ("bf16 weight", lambda t: t.__setitem__("model.layers.3.mlp.down_proj.weight",
+                                                    t["model.layers.3.mlp.down_proj.weight"].to(torch.bfloat16))),
+        ):
+            broken = tmp_path / f"{name}-{label.replace(' ', '-')}"
+            shutil.copytree(d, broken, ignore=shutil.ignore_patterns("model.safetensors"))
+            t = dict(tensors)
+            breakage(t)
+            save_file(t, broken / "model.safetensors")
+            problems = check_checkpoint(broken)
+            assert any("model.layers.3.mlp.down_proj.weight" in p for p in problems), (name, label, problems)

@@ -11,7 +11,11 @@ from rich.table import Table
 
 
 def _size(m: dict) -> int:
-    return m["info"].get("weight_bytes", 0) if m["target"]["format"] == "baseline" else m["total_size"]
+    """Bytes of what the engine loads: the baseline's weights; an artifact without its classic-layout extra
+    copies (`export: [gptq]` writes a second checkpoint beside the compressed-tensors one)."""
+    if m["target"]["format"] == "baseline":
+        return m["info"].get("weight_bytes", 0)
+    return m["total_size"] - sum(e.get("bytes", 0) for e in m["info"].get("exports", {}).values())
 
 
 def _throughput(m: dict) -> dict | None:

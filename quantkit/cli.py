@@ -176,7 +176,9 @@ def plan(recipe_or_model: str = typer.Argument(..., help="a recipe YAML, a model
             fmt = get_format(t.format)
             for v in fmt.variants(t):
                 m = built.get(v.name)
-                weights = m and sum(f["size"] for f in m["files"] if f["path"].endswith((".safetensors", ".gguf")))
+                extra = tuple(e["dir"] + "/" for e in (m["info"].get("exports") or {}).values()) if m else ()
+                weights = m and sum(f["size"] for f in m["files"] if f["path"].endswith((".safetensors", ".gguf"))
+                                    and not f["path"].startswith(extra or ("\0",)))
                 if weights:
                     candidates.append(planner.Candidate(v.name, weights, f"store artifact {m['id']}"))
                 else:

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Check quantkit's in-process llama.cpp throughput against `llama-bench -o json` on the same GGUF files.
 
-    scripts/bench_gguf.py [FILE.gguf ...] [--store URI] [--reps 5] [--threads N] [--tolerance 5]
+    scripts/bench_gguf.py [FILE.gguf ...] [--store URI] [--reps 5] [--rounds 2] [--threads N] [--tolerance 5]
 
 Without files, every GGUF artifact in the store (default $QUANTKIT_STORE or ./model-store) is pulled and
-measured. For each file both measurements run back to back (quantkit, llama-bench, in alternating order so
-drift on a shared machine does not favour one side), pp512 and tg128 with the same repetitions and threads.
+measured. For each file both measurements run back to back, `--rounds` times in alternating order (so drift on
+a shared machine does not favour one side; the median round is kept), pp512 and tg128 with the same
+repetitions and threads. On a machine other jobs share, use --threads 1: llama.cpp's spinning worker threads
+collapse when a core is taken away, and both sides then measure the neighbours rather than llama.cpp.
 Prints the table, whether every pair agrees within the tolerance, and the Q4_K_M decode (tg) speedup over F16.
 Exit code 1 when a pair disagrees.
 """
@@ -38,6 +40,10 @@ def llama_bench(path: Path, reps: int, threads: int) -> dict:
     return out
 
 
+def median_round(rounds: list[dict]) -> dict:
+    return sorted(rounds, key=lambda r: r["avg_ts"])[len(rounds) // 2]
+
+
 def store_files(uri: str, dest: Path) -> list[tuple[str, Path]]:
     from quantkit.store.store import Store
 
@@ -55,6 +61,7 @@ def main() -> int:
     ap.add_argument("files", nargs="*", type=Path)
     ap.add_argument("--store", default=os.environ.get("QUANTKIT_STORE", "model-store"))
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--tolerance", type=float, default=5.0, help="allowed difference, percent")
     ap.add_argument("--json", action="store_true", help="print the records as JSON too")
@@ -70,7 +77,11 @@ def main() -> int:
         for i, (name, path) in enumerate(files):
             runs = [("quantkit", lambda: bench(path, 512, 128, a.reps, a.threads)),
                     ("llama-bench", lambda: llama_bench(path, a.reps, a.threads))]
-            res = dict((k, fn()) for k, fn in (runs if i % 2 == 0 else runs[::-1]))
+            got: dict[str, list] = {"quantkit": [], "llama-bench": []}
+            for rnd in range(a.rounds):
+                for k, fn in (runs if (i + rnd) % 2 == 0 else runs[::-1]):
+                    got[k].append(fn())
+            res = {k: {kind: median_round([v[kind] for v in vs]) for kind in ("pp", "tg")} for k, vs in got.items()}
             records.append({"name": name, "file": str(path), "type": gguf_file_type(path),
                             "size_mb": round(path.stat().st_size / 1e6, 1), **res})
         print(f"load average after {os.getloadavg()[0]:.2f}\n")

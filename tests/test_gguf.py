@@ -35,7 +35,9 @@ calibration: {{dataset: c4, num_samples: 16, seq_len: 256, seed: 0}}
 targets:
   - {{name: gguf, format: gguf, types: [F16, Q8_0, Q4_K_M], llama_cpp_ppl_chunks: 8, bench_reps: 0}}
   - {{name: gguf-imat, format: gguf, types: [Q4_K_M], imatrix: true, llama_cpp_ppl_chunks: 8, bench_reps: 1}}
-eval: {{perplexity: {{datasets: [wikitext2], seq_len: 512, max_windows: 8}}}}
+eval:
+  perplexity: {{datasets: [wikitext2], seq_len: 512, max_windows: 8}}
+  throughput: {{prompt_len: 32, gen_len: 8, repetitions: 1, warmup: 0}}
 store: {{uri: {store}}}
 """)
     return f
@@ -82,6 +84,8 @@ def test_variants_and_manifests(built):
     assert tp["pp"]["test"] == "pp512" and tp["tg"]["test"] == "tg128" and tp["reps"] == 1
     assert tp["pp"]["avg_ts"] > 0 and tp["tg"]["avg_ts"] > 0 and tp["threads"] >= 1
     assert "throughput" not in by_name["gguf-f16"]["info"]
+    rec = by_name["gguf-q8_0"]["metrics"]["throughput"]  # the orchestrator's record, through this engine
+    assert rec["engine"] == "llama.cpp" and rec["batches"]["1"]["decode_tok_s"] > 0 and rec["dtype"] == "Q8_0"
     for m in by_name.values():
         if m["engine"] != "llama.cpp":
             continue

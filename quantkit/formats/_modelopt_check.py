@@ -173,13 +173,9 @@ def check_checkpoint(path: Path) -> list[str]:
             problems += _check_linear(tensors, mod, algo, group, (out_f, in_f), fused=leaf in FUSED,
                                       model_dtype=model_dtype)
     for trt_name, members in groups.items():
-        problems += _check_fused_scalars(path, tensors, trt_name, members, algo)
-    problems += _check_kv_scales(path, tensors, kv_algo)
+        problems += _check_fused_scalars(tensors, trt_name, members, algo)
+    problems += _check_kv_scales(tensors, kv_algo)
     return problems
-
-
-def _t(tensors, name):
-    return tensors.get(name)
 
 
 def _numel(info) -> int:
@@ -190,7 +186,7 @@ def _numel(info) -> int:
 
 
 def _check_unquantized(tensors, mod, shape, trt_name) -> list[str]:
-    w = _t(tensors, f"{mod}.weight")
+    w = tensors.get(f"{mod}.weight")
     out = []
     if w is None:
         return [f"{mod}.weight missing"]
@@ -204,8 +200,8 @@ def _check_unquantized(tensors, mod, shape, trt_name) -> list[str]:
 
 def _check_linear(tensors, mod, algo, group, shape, *, fused, model_dtype) -> list[str]:
     out_f, in_f = shape
-    w, ws = _t(tensors, f"{mod}.weight"), _t(tensors, f"{mod}.weight_scale")
-    ws2, inp, pqs = (_t(tensors, f"{mod}.{leaf}") for leaf in ("weight_scale_2", "input_scale", "pre_quant_scale"))
+    w, ws = tensors.get(f"{mod}.weight"), tensors.get(f"{mod}.weight_scale")
+    ws2, inp, pqs = (tensors.get(f"{mod}.{leaf}") for leaf in ("weight_scale_2", "input_scale", "pre_quant_scale"))
     p = []
 
     def want(info, what, dtypes, shp):
@@ -255,7 +251,7 @@ def _check_linear(tensors, mod, algo, group, shape, *, fused, model_dtype) -> li
     return p
 
 
-def _scalar_values(path, tensors, names):
+def _scalar_values(tensors, names):
     from safetensors import safe_open
 
     vals = {}
@@ -265,7 +261,7 @@ def _scalar_values(path, tensors, names):
     return vals
 
 
-def _check_fused_scalars(path, tensors, trt_name, members, algo) -> list[str]:
+def _check_fused_scalars(tensors, trt_name, members, algo) -> list[str]:
     """Rules that span the members of one fused TRT-LLM linear."""
     if len(members) < 2:
         return []
@@ -276,12 +272,12 @@ def _check_fused_scalars(path, tensors, trt_name, members, algo) -> list[str]:
     if algo in ("W4A8_AWQ", "NVFP4"):  # load_weight_scales asserts equal values across the group
         for leaf in ("input_scale", "weight_scale_2"):
             names = [f"{m}.{leaf}" for m in members if f"{m}.{leaf}" in tensors]
-            if len(names) == len(members) and len(set(_scalar_values(path, tensors, names).values())) > 1:
+            if len(names) == len(members) and len(set(_scalar_values(tensors, names).values())) > 1:
                 p.append(f"{trt_name}: {leaf} differs across {members}; TRT-LLM asserts they are equal")
     return p
 
 
-def _check_kv_scales(path, tensors, kv_algo) -> list[str]:
+def _check_kv_scales(tensors, kv_algo) -> list[str]:
     """FP8 KV: `k_proj.k_scale` and `v_proj.v_scale`, one float each, read together from the qkv weights."""
     k = {n.rsplit(".", 2)[0] for n in tensors if n.endswith(".k_proj.k_scale")}
     v = {n.rsplit(".", 2)[0] for n in tensors if n.endswith(".v_proj.v_scale")}

@@ -101,6 +101,19 @@ class LlamaCppEngine:
                 bar.advance(task)
         return total, count
 
+    def throughput(self, handle: Loaded, spec) -> dict:
+        """The orchestrator's throughput record (recipe eval.throughput); batch sizes other than 1 are skipped."""
+        from quantkit.util import StagePeak
+
+        threads = spec.threads or handle.threads
+        handle.llamas.clear()  # free the perplexity context first: its logits are large
+        with StagePeak() as rss:
+            one = recipe_throughput(handle.path, spec, threads)
+        return {**self.describe(handle), "threads": threads, "serving_engine": True, "batches": {"1": one},
+                "batch_sizes_skipped": [b for b in spec.batch_sizes if b != 1],
+                "peak_memory_mb": round(rss.peak, 1), "peak_memory_kind": "rss", "prompt_len": spec.prompt_len,
+                "gen_len": spec.gen_len, "repetitions": spec.repetitions, "warmup": spec.warmup}
+
     def describe(self, handle: Loaded) -> dict:
         return {"engine": "llama.cpp", "device": "cpu", "dtype": gguf_file_type(handle.path),
                 "threads": handle.threads, "versions": library_versions()}
@@ -156,61 +169,111 @@ def llama_cpp_perplexity(model_path: Path | str, text: str, n_ctx: int = 512, ma
             "tokens_scored": count, "wall_s": round(time.perf_counter() - t0, 2)}
 
 
+class _Runner:
+    """Raw libllama calls as llama-bench makes them (no Python-side logits copies): model, contexts, decodes."""
+
+    def __init__(self, model_path: Path | str, threads: int):
+        import llama_cpp
+
+        _quiet()
+        self.ll, self.threads, self.rng = llama_cpp, threads, random.Random(0)
+        llama_cpp.llama_backend_init()
+        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(),
+                                                          llama_cpp.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {model_path}")
+        vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        self.bos = llama_cpp.llama_vocab_bos(vocab) if llama_cpp.llama_vocab_get_add_bos(vocab) else None
+
+    def context(self, n_ctx: int):
+        cp = self.ll.llama_context_default_params()  # llama-bench's defaults: flash attention auto, f16 KV
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, 2048, 512
+        ctx = self.ll.llama_init_from_model(self.model, cp)
+        self.ll.llama_set_n_threads(ctx, self.threads, self.threads)
+        return ctx
+
+    def clear(self, ctx) -> None:
+        self.ll.llama_memory_clear(self.ll.llama_get_memory(ctx), False)
+
+    def _tok(self) -> int:
+        return self.rng.randrange(self.n_vocab)
+
+    def _decode(self, ctx, toks: list[int]) -> None:
+        arr = (self.ll.llama_token * len(toks))(*toks)
+        if self.ll.llama_decode(ctx, self.ll.llama_batch_get_one(arr, len(toks))) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def prompt(self, ctx, n: int) -> None:  # test_prompt: one batch (n_batch 2048 >= n), BOS first if added
+        first = self.bos if self.bos is not None else self._tok()
+        self._decode(ctx, [first] + [self._tok() for _ in range(n - 1)])
+        self.ll.llama_synchronize(ctx)
+
+    def gen(self, ctx, n: int, first: bool = True) -> None:  # test_gen: n single-token decodes, synced each
+        tok = self.bos if first and self.bos is not None else self._tok()
+        for _ in range(n):
+            self._decode(ctx, [tok])
+            self.ll.llama_synchronize(ctx)
+            tok = self._tok()
+
+    def free(self, ctx=None) -> None:
+        if ctx is not None:
+            self.ll.llama_free(ctx)
+        else:
+            self.ll.llama_model_free(self.model)
+
+
 def bench(model_path: Path | str, n_prompt: int = 512, n_gen: int = 128, reps: int = 5,
           threads: int | None = None) -> dict:
     """pp{n_prompt} and tg{n_gen} tok/s with llama-bench's procedure (tools/llama-bench/llama-bench.cpp:
     context params as its defaults, fresh context per test, warmup, memory cleared before each rep)."""
-    import llama_cpp
-
-    _quiet()
     threads = threads or default_threads()
-    llama_cpp.llama_backend_init()
-    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
-    if not model:
-        raise RuntimeError(f"llama.cpp could not load {model_path}")
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-    first_tok = llama_cpp.llama_vocab_bos(vocab) if llama_cpp.llama_vocab_get_add_bos(vocab) else None
-    rng = random.Random(0)
-
-    def decode(ctx, toks: list[int]) -> None:
-        arr = (llama_cpp.llama_token * len(toks))(*toks)
-        if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, len(toks))) != 0:
-            raise RuntimeError("llama_decode failed")
-
-    def prompt(ctx, n: int) -> None:  # test_prompt: one batch of n_batch (2048) >= n tokens
-        toks = [first_tok if first_tok is not None else rng.randrange(n_vocab)]
-        decode(ctx, toks + [rng.randrange(n_vocab) for _ in range(n - 1)])
-        llama_cpp.llama_synchronize(ctx)
-
-    def gen(ctx, n: int) -> None:  # test_gen: n single-token decodes, synchronized each step
-        tok = first_tok if first_tok is not None else rng.randrange(n_vocab)
-        for _ in range(n):
-            decode(ctx, [tok])
-            llama_cpp.llama_synchronize(ctx)
-            tok = rng.randrange(n_vocab)
+    r = _Runner(model_path, threads)
 
     def run(kind: str, n: int) -> dict:
-        cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx, cp.n_batch, cp.n_ubatch = n, 2048, 512
-        ctx = llama_cpp.llama_init_from_model(model, cp)
-        llama_cpp.llama_set_n_threads(ctx, threads, threads)
-        mem = llama_cpp.llama_get_memory(ctx)
-        fn = prompt if kind == "pp" else gen
+        ctx = r.context(n)
+        fn = r.prompt if kind == "pp" else r.gen
         fn(ctx, n if kind == "pp" else 1)  # warmup, as llama-bench (its gen warmup is one token)
         samples = []
         for _ in range(reps):
-            llama_cpp.llama_memory_clear(mem, False)
+            r.clear(ctx)
             t = time.perf_counter_ns()
             fn(ctx, n)
             samples.append(n / ((time.perf_counter_ns() - t) / 1e9))
-        llama_cpp.llama_free(ctx)
+        r.free(ctx)
         return {"test": f"{kind}{n}", "n_tokens": n, "avg_ts": statistics.fmean(samples),
                 "stddev_ts": statistics.stdev(samples) if len(samples) > 1 else 0.0, "samples_ts": samples}
 
     try:
         out = {"pp": run("pp", n_prompt), "tg": run("tg", n_gen)}
     finally:
-        llama_cpp.llama_model_free(model)
+        r.free()
     return {**out, "reps": reps, "threads": threads, "n_batch": 2048, "n_ubatch": 512,
             "method": "in-process llama_cpp (llama-bench procedure)"}
+
+
+def recipe_throughput(model_path: Path | str, spec, threads: int) -> dict:
+    """The recipe's throughput protocol (as the transformers engine): prefill of prompt_len random tokens
+    (= time to first token), then gen_len - 1 decode steps after it; median over repetitions after warmup.
+    Batch 1 only: one sequence per context here."""
+    r = _Runner(model_path, threads)
+    ctx = r.context(spec.prompt_len + spec.gen_len)
+    ttft, prefill, decode = [], [], []
+    try:
+        for rep in range(spec.warmup + spec.repetitions):
+            r.clear(ctx)
+            t0 = time.perf_counter()
+            r.prompt(ctx, spec.prompt_len)
+            t1 = time.perf_counter()
+            r.gen(ctx, spec.gen_len - 1, first=False)
+            t2 = time.perf_counter()
+            if rep >= spec.warmup:
+                ttft.append(t1 - t0)
+                prefill.append(spec.prompt_len / (t1 - t0))
+                decode.append((spec.gen_len - 1) / (t2 - t1))
+    finally:
+        r.free(ctx)
+        r.free()
+    q = statistics.quantiles(ttft, n=100, method="inclusive") if len(ttft) > 1 else ttft * 99
+    return {"prefill_tok_s": round(statistics.median(prefill), 1), "decode_tok_s": round(statistics.median(decode), 2),
+            "ttft_p50_s": round(statistics.median(ttft), 4), "ttft_p99_s": round(q[98], 4)}

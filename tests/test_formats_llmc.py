@@ -211,25 +211,24 @@ def test_pin_memory_workaround_is_scoped():
 # ---------------------------------------------------------------- slow: SmolLM2-135M (hidden 576, intermediate 1536)
 
 SMOL_EVAL = "{perplexity: {datasets: [wikitext2], seq_len: 512, max_windows: 8}}"
+# 16 x 256 C4 calibration tokens keep CI's CPU time near 5 min for the whole build. Measured here (wikitext2,
+# 8 x 512): symmetric GPTQ g64 is no better than round-to-nearest on this model (43.5 vs 44.1; its weights come
+# from a Q4_1 GGUF, whose grid is asymmetric), asymmetric GPTQ is (35.9 vs 40.8), so the test's GPTQ target is
+# asymmetric like AWQ's and both are compared with asymmetric round-to-nearest.
 SMOL_TARGETS = """\
   - {name: int8-w8a8, format: int8, scheme: w8a8}
-  - {name: gptq-w4-g64, format: gptq, group_size: 64, export: [gptq]}
-  - {name: rtn-w4-g64, format: gptq, algorithm: rtn, group_size: 64}
-  - {name: rtn-w4-g64-asym, format: gptq, algorithm: rtn, group_size: 64, symmetric: false}
-  - {name: rtn-w4-g128-fallback, format: gptq, algorithm: rtn, group_size: 128, indivisible: fallback}"""
-# AWQ's grid search costs ~20 x a forward pass per layer: it gets its own, tinier calibration set
-SMOL_AWQ_TARGETS = "  - {name: awq-w4-g64, format: awq, group_size: 64, export: [awq]}"
+  - {name: gptq-w4-g64, format: gptq, group_size: 64, symmetric: false, export: [gptq]}
+  - {name: awq-w4-g64, format: awq, group_size: 64, n_grid: 10, export: [awq]}
+  - {name: rtn-w4-g64, format: gptq, algorithm: rtn, group_size: 64, symmetric: false}
+  - {name: rtn-w4-g128-fallback, format: gptq, algorithm: rtn, group_size: 128, symmetric: false, indivisible: fallback}"""
 
 
 @pytest.fixture(scope="module")
 def smol(smollm2, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smol-llmc")
-    store = tmp / "store"
-    _build(_recipe(tmp / "smol-llmc.yaml", smollm2, store, SMOL_TARGETS,
+    _build(_recipe(tmp / "smol-llmc.yaml", smollm2, tmp / "store", SMOL_TARGETS,
                    "{dataset: c4, num_samples: 16, seq_len: 256, seed: 0}", SMOL_EVAL))
-    _build(_recipe(tmp / "smol-awq.yaml", smollm2, store, SMOL_AWQ_TARGETS,
-                   "{dataset: c4, num_samples: 8, seq_len: 128, seed: 0}", SMOL_EVAL, baseline=False))
-    ms = _by_target(store)
+    ms = _by_target(tmp / "store")
     for name, m in ms.items():
         print(f"\n[{name}] ppl {m['metrics']['perplexity']['wikitext2']['ppl']:.3f}, "
               f"produce {m['build']['produce_s']:.0f} s, {m['total_size'] / 1e6:.1f} MB")
@@ -247,9 +246,9 @@ def test_smollm2_quality_bounds(smol):
     assert _ppl(ms, "int8-w8a8") <= 1.03 * base
     assert _ppl(ms, "gptq-w4-g64") <= 1.30 * base
     assert _ppl(ms, "awq-w4-g64") <= 1.30 * base
-    # the AWQ paper's ordering: calibrated W4 beats round-to-nearest at the same group size and symmetry
+    # the AWQ paper's ordering: calibrated W4 beats round-to-nearest (same group size, asymmetric)
     assert _ppl(ms, "gptq-w4-g64") < _ppl(ms, "rtn-w4-g64")
-    assert _ppl(ms, "awq-w4-g64") < _ppl(ms, "rtn-w4-g64-asym")
+    assert _ppl(ms, "awq-w4-g64") < _ppl(ms, "rtn-w4-g64")
 
 
 @pytest.mark.slow

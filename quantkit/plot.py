@@ -33,16 +33,23 @@ def pareto_png(rs: list[dict], path: Path, title: str) -> Path | None:
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
     engines = sorted({r["speed_engine"] for r in pts})
     biggest = max(r["size_mb"] for r in pts)
+    placed: list[tuple[float, float]] = []
     for i, eng in enumerate(engines):
         sel = [r for r in pts if r["speed_engine"] == eng]
         ax.scatter([r["decode_speedup"] for r in sel], [r["ppl"][ds]["change_pct"] for r in sel],
                    s=[60 + 900 * r["size_mb"] / biggest for r in sel], alpha=0.6, color=f"C{i}",
                    label=f"engine: {eng}" + (" (reference, not serving)" if eng == "transformers-eager" else ""))
-        for r in sel:
-            ax.annotate(f"{r['target']}\n{r['size_mb']:.0f} MB", (r["decode_speedup"], r["ppl"][ds]["change_pct"]),
-                        textcoords="offset points", xytext=(8, 4), fontsize=8)
         f = frontier([(r["decode_speedup"], r["ppl"][ds]["change_pct"]) for r in sel])
         ax.plot([p[0] for p in f], [p[1] for p in f], "--", color=f"C{i}", linewidth=1)
+    ax.autoscale_view()
+    for r in pts:
+        xy = (r["decode_speedup"], r["ppl"][ds]["change_pct"])
+        # labels of points closer than a label's size (about 70 x 25 px) would print on top of each other
+        near = sum(abs(a - b) < 70 and abs(c - d) < 25 for (a, c), (b, d) in
+                   ((ax.transData.transform(xy), ax.transData.transform(p)) for p in placed))
+        placed.append(xy)
+        ax.annotate(f"{r['target']}\n{r['size_mb']:.0f} MB", xy, textcoords="offset points",
+                    xytext=(8, 4 - 22 * near), fontsize=8)
     ax.axhline(0, color="grey", linewidth=0.5)
     ax.axvline(1, color="grey", linewidth=0.5)
     ax.set_xlabel("decode speedup vs dense model in the same engine (batch 1)")

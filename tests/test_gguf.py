@@ -97,6 +97,19 @@ def test_variants_and_manifests(built):
         assert 0 < info["bits_per_weight"] <= 16.5 and info["file_size"] > 0
 
 
+def test_report_compares_gguf_speed_with_f16_in_llama_cpp(built):
+    from quantkit.report import rows
+
+    s, by_name, _ = built
+    assert by_name["gguf-f16"]["info"]["dense_reference"] and not by_name["gguf-q8_0"]["info"]["dense_reference"]
+    rs = {r["target"]: r for r in rows(s.list())}
+    f16, q8 = rs["gguf-f16"], rs["gguf-q8_0"]
+    assert f16["speed_engine"] == q8["speed_engine"] == "llama.cpp" and f16["decode_speedup"] == 1.0
+    assert q8["decode_speedup"] == round(q8["decode_tok_s"] / f16["decode_tok_s"], 3)
+    # Q8_0 reads about half the bytes of F16 per token: the bound says so
+    assert 1.6 < q8["speedup_bound"] < 2.0, q8
+
+
 def test_f16_matches_transformers_baseline(built):
     _, by_name, _ = built
     base, f16 = _ppl(by_name["baseline"]), _ppl(by_name["gguf-f16"])

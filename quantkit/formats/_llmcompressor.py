@@ -3,7 +3,6 @@ copy of the build's model, then a compressed-tensors save. Each format only buil
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 LIBRARIES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
@@ -12,9 +11,11 @@ LIBRARIES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
 def run_oneshot(ctx, modifiers: list, out_dir: Path, *, calibrate: bool) -> dict:
     """Quantize a fresh copy of the model with `modifiers`, save compressed to out_dir, return the
     quantization_config written to config.json (it goes into the manifest as the artifact's own words)."""
-    from llmcompressor import oneshot
+    from llmcompressor import LoggerConfig, configure_logger, oneshot
 
-    logging.getLogger("llmcompressor").setLevel(logging.WARNING)
+    # llm-compressor logs through loguru at INFO (plus a METRIC line per quantized module: thousands for a real
+    # model), which buries quantkit's own progress; its LLM_COMPRESSOR_LOG_LEVEL still overrides this.
+    configure_logger(LoggerConfig(console_log_level="ERROR"))
     model = ctx.fresh_model()
     kwargs = {}
     if calibrate:

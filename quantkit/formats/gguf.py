@@ -290,7 +290,9 @@ class GGUF(Format):
         base = qtype if qtype in FLOAT_TYPES else opts.intermediate
         src = convert(ctx, base)
         info: dict = {"type": qtype, "ftype": llama_ftypes()[qtype], "threads": threads,
-                      "converted_by": "convert_hf_to_gguf.py", "intermediate": base}
+                      "converted_by": "convert_hf_to_gguf.py", "intermediate": base,
+                      # the report's llama.cpp speedups divide by the dense GGUF measured in the same engine
+                      "dense_reference": qtype in FLOAT_TYPES and not overrides}
         imat_values = None
         if opts.imatrix:
             imat_path, imat_meta = compute_imatrix(ctx, src)

@@ -66,7 +66,8 @@ def _open_store(uri: Optional[str]):
 
 @app.command()
 def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
-          target: Optional[str] = typer.Option(None, "--target", help="build only this target (CI fan-out)"),
+          target: Optional[list[str]] = typer.Option(None, "--target", help="build only this target (repeat for "
+                                                     "several; CI fan-out)"),
           executor: str = typer.Option("inprocess", "--executor", help="where targets run: inprocess, or "
                                        "ray[:ADDRESS] (one Ray task per target)"),
           as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),

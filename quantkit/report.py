@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from rich.console import Console
@@ -42,8 +43,9 @@ def _decode(m: dict) -> float | None:
     return b1["decode_tok_s"] if b1 else None
 
 
-def rows(manifests: list[dict]) -> list[dict]:
+def rows(manifests: Iterable[dict]) -> list[dict]:
     """One row per artifact; each is compared with the baseline of the same source model, if present."""
+    manifests = list(manifests)  # read several times below; Store.list() is a generator
     baselines = {m["source"]["fingerprint"]: m for m in manifests if m["target"]["format"] == "baseline"}
     out = []
     for m in manifests:

@@ -69,7 +69,7 @@ def rows(result, cpu: dict[str, float]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("recipe", nargs="?", default=str(ROOT / "recipes" / "smollm2-135m-demo.yaml"))
-    ap.add_argument("--target", default=None, help="only this target (plus the baseline)")
+    ap.add_argument("--target", action="append", help="only this target (plus the baseline); repeatable")
     ap.add_argument("--store", default=None, help="store dir (default: a fresh temporary one)")
     ap.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")
     args = ap.parse_args()

@@ -21,7 +21,7 @@ from quantkit import gates, report
 from quantkit.context import BuildContext
 from quantkit.errors import UserError
 from quantkit.executors import get_executor
-from quantkit.evaluation.run import Want, evaluate, have_keys, merge, wanted
+from quantkit.evaluation.run import Want, evaluate, have_keys, measurable, merge, wanted
 from quantkit.formats import Format, TargetOptions, get_format
 from quantkit.recipe.loader import LoadedRecipe
 from quantkit.sources.resolve import resolve_source
@@ -119,7 +119,7 @@ def run_build(loaded: LoadedRecipe, *, only_target: str | list[str] | None = Non
             if st.has(plan.artifact_id):
                 manifest = st.get(plan.artifact_id)
                 have = have_keys(manifest.get("metrics", {}))
-                missing = [w for w in wants if w.key not in have]
+                missing = measurable(manifest["engine"], [w for w in wants if w.key not in have])
                 if missing:
                     console.print(f"[bold]{plan.opts.name}[/]: in store, measuring "
                                   f"{', '.join(w.name for w in missing)}")

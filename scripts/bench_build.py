@@ -22,6 +22,15 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("QUANTKIT_DATA", str(ROOT.parent / "shared" / "data"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+RERUN = """
+import resource, runpy, sys
+sys.argv = ["quantkit", *sys.argv[1:]]
+try:
+    runpy.run_module("quantkit.cli", run_name="__main__")
+finally:
+    print(f"QUANTKIT_PEAK_RSS_MB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}", file=sys.stderr)
+"""
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -43,12 +52,14 @@ def main() -> None:
         t.add_row(s["stage"], f"{s['wall_s']:.1f}", f"{s['peak_rss_mb']:.0f}")
 
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "quantkit.cli", "build", args.recipe, "--store", store, "--json",
+    # the child reports its own ru_maxrss: RUSAGE_CHILDREN would also count helpers this process forked
+    # earlier (they start with this process's pages)
+    r = subprocess.run([sys.executable, "-c", RERUN, "build", args.recipe, "--store", store, "--json",
                         "--report-dir", tempfile.mkdtemp()], capture_output=True, text=True)
     rerun_s = time.perf_counter() - t0
-    child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     if r.returncode != 0:
         sys.exit(f"re-run failed: {r.stderr[-2000:]}")
+    child_peak = float(r.stderr.rsplit("QUANTKIT_PEAK_RSS_MB=", 1)[1].split()[0])
     t.add_row("re-run (new process, all cached)", f"{rerun_s:.1f}", f"{child_peak:.0f}")
     out = Console()
     out.print(t)

@@ -34,6 +34,13 @@ def wanted(ctx) -> list[Want]:
     return out
 
 
+def measurable(engine_name: str, wants: list[Want]) -> list[Want]:
+    """The wants this engine can take: one without a throughput method (modelopt-dequant) never records a
+    throughput, so asking again on every cached build would reload the artifact for nothing."""
+    engine = get_engine(engine_name)
+    return [w for w in wants if w.kind != "throughput" or hasattr(engine, "throughput")]
+
+
 def have_keys(metrics: dict) -> set[str]:
     keys = {m.get("key") for m in metrics.get("perplexity", {}).values()}
     if "throughput" in metrics:

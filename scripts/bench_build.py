@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -23,12 +22,13 @@ os.environ.setdefault("QUANTKIT_DATA", str(ROOT.parent / "shared" / "data"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RERUN = """
-import resource, runpy, sys
+import runpy, sys
 sys.argv = ["quantkit", *sys.argv[1:]]
 try:
     runpy.run_module("quantkit.cli", run_name="__main__")
 finally:
-    print(f"QUANTKIT_PEAK_RSS_MB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}", file=sys.stderr)
+    hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+    print(f"QUANTKIT_PEAK_RSS_MB={hwm / 1024:.0f}", file=sys.stderr)
 """
 
 
@@ -52,8 +52,8 @@ def main() -> None:
         t.add_row(s["stage"], f"{s['wall_s']:.1f}", f"{s['peak_rss_mb']:.0f}")
 
     t0 = time.perf_counter()
-    # the child reports its own ru_maxrss: RUSAGE_CHILDREN would also count helpers this process forked
-    # earlier (they start with this process's pages)
+    # the child reports its own VmHWM: ru_maxrss (RUSAGE_CHILDREN, or the child's own) keeps the high-water
+    # mark this big process had when it forked, across exec
     r = subprocess.run([sys.executable, "-c", RERUN, "build", args.recipe, "--store", store, "--json",
                         "--report-dir", tempfile.mkdtemp()], capture_output=True, text=True)
     rerun_s = time.perf_counter() - t0

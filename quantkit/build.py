@@ -57,12 +57,12 @@ def store_uri(loaded: LoadedRecipe, override: str | None) -> str:
     return uri
 
 
-def _plans(ctx: BuildContext, only: str | list[str] | None) -> list[Plan]:
+def _plans(ctx: BuildContext, only: list[str] | None) -> list[Plan]:
     targets = list(ctx.loaded.targets)
     if ctx.recipe.baseline:
         targets.insert(0, get_format(BASELINE).Options(name=BASELINE, format=BASELINE))
     names = [t.name for t in targets]
-    only = [only] if isinstance(only, str) else only or None
+    only = only or None  # typer gives [] when --target is absent
     for name in only or ():
         if name not in names:
             raise UserError(f"--target {name!r} is not in recipe {ctx.recipe.name}; targets: {', '.join(names)}")
@@ -91,7 +91,7 @@ def _stage(result: BuildResult, name: str):
                           "peak_rss_mb": round(peak.peak, 1)})
 
 
-def run_build(loaded: LoadedRecipe, *, only_target: str | list[str] | None = None, store: str | None = None,
+def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, store: str | None = None,
               console: Console | None = None, executor: str | None = None) -> BuildResult:
     console = console or Console(stderr=True)
     t0 = time.perf_counter()

@@ -59,9 +59,14 @@ def merge(metrics: dict, records: list[dict]) -> dict:
 
 def evaluate(ctx, engine_name: str, path: Path, entry: str, wants: list[Want], console) -> list[dict]:
     """Load the artifact once in its engine and take every wanted measurement."""
+    engine = get_engine(engine_name)
+    can = measurable(engine_name, wants)
+    for w in wants:
+        if w not in can:
+            console.print(f"  {w.name}: engine {engine_name} cannot measure it; skipped")
+    wants = can
     if not wants:
         return []
-    engine = get_engine(engine_name)
     handle = engine.load(path, entry, dtype=ctx.recipe.model.dtype)
     records = []
     for w in wants:
@@ -72,9 +77,6 @@ def evaluate(ctx, engine_name: str, path: Path, entry: str, wants: list[Want], c
             console.print(f"  {w.name}: ppl {r['ppl']:.3f} ({r['windows']} x {p.seq_len} tokens, "
                           f"{r['wall_s']:.0f} s, {engine_name})", highlight=False)
         else:
-            if not hasattr(engine, "throughput"):
-                console.print(f"  throughput: engine {engine_name} cannot measure it; skipped")
-                continue
             r = engine.throughput(handle, ctx.recipe.eval.throughput)
             # a dense source is read at the dtype it was loaded in (fp32 file evaluated as bf16 on a GPU)
             dense = Path(entry).is_absolute() and Path(entry) == ctx.source.path

@@ -106,9 +106,10 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
         wants = wanted(ctx)
     try:
         todo = [p for p in plans if not st.has(p.artifact_id)]
-        if runner.in_process and any(p.fmt.name != BASELINE for p in todo):
-            with _stage(result, "load model (once)"):
-                ctx.base_model  # noqa: B018 - loaded here so its cost is not charged to the first target
+        if any(p.fmt.name != BASELINE for p in todo):  # decided before any work: bad offload/gpus fail first
+            console.print(f"placement: {ctx.placement.describe()}", highlight=False)
+            for note in ctx.placement.notes:
+                console.print(f"  {note}", highlight=False)
         if any(p.fmt.needs_calibration(p.opts) for p in todo):
             with _stage(result, "calibration set (once)"):
                 console.print(f"calibration: {ctx.calibration.meta['num_samples']} x "
@@ -185,10 +186,13 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
     staging = ctx.workdir / "stage" / plan.artifact_id
     staging.mkdir(parents=True)
     t0 = time.perf_counter()
+    ctx.devices = {}
     with _stage(result, f"{opts.name}: produce"):
         produced = fmt.produce(ctx, opts, staging)
     build_s = time.perf_counter() - t0
     console.print(f"  produced in {build_s:.1f} s")
+    for stage, where in ctx.devices.items():
+        console.print(f"  {stage}: {where}", highlight=False)
     with _stage(result, f"{opts.name}: evaluate"):
         metrics = merge({}, evaluate(ctx, produced.engine, staging, produced.entry, wants, console))
     needs_calib = fmt.needs_calibration(opts)
@@ -208,7 +212,7 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
         "info": produced.info,
         "metrics": metrics,
         "build": {"produce_s": round(build_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
-                  "peak_rss_mb": round(peak_rss_mb(), 1), "argv": sys.argv},
+                  "peak_rss_mb": round(peak_rss_mb(), 1), "argv": sys.argv, "devices": dict(ctx.devices)},
     }
     manifest["total_size"] = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
     if produced.entry == str(ctx.source.path):

@@ -71,6 +71,13 @@ class Format:
         artifact exists yet. None: unknown (the planner then needs a built artifact)."""
         return None
 
+    def build_profile(self, opts: TargetOptions) -> tuple[str, str] | None:
+        """(how the model is walked, algorithm) for the build planner (quantkit/build_plan.py): how is one of
+        "model-free" (shards streamed, no model), "layerwise" (llm-compressor's sequential onloading), "whole"
+        (forward passes over the whole model), "convert" (a tool reads the files); algorithm names a row of
+        quantkit/data/build_costs.yaml. None: the planner cannot predict this format."""
+        return None
+
     def produce(self, ctx: "BuildContext", opts: TargetOptions, out_dir: Path) -> Produced:
         raise NotImplementedError
 

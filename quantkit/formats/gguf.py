@@ -137,7 +137,8 @@ def compute_imatrix(ctx, gguf_path: Path) -> tuple[Path, dict]:
         return out, {**meta, "entries": len(gguf.GGUFReader(str(out)).tensors) // 2}
     arch_enum = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     names = gguf.get_tensor_name_map(arch_enum, n_blocks)
-    model = ctx.base_model
+    model = ctx.load_model("whole")  # a fresh read, on the GPU when there is one; freed when this returns
+    meta["device"] = ctx.devices["imatrix"] = ctx.devices.pop("whole")
     sums: dict[str, torch.Tensor] = {}
     hooks = []
     for mod_name, mod in model.named_modules():
@@ -148,10 +149,10 @@ def compute_imatrix(ctx, gguf_path: Path) -> tuple[Path, dict]:
         if g is None or n_in.get(f"{g}.weight") != mod.in_features:
             continue
         key = f"{g}.weight"
-        sums[key] = torch.zeros(mod.in_features, dtype=torch.float64)
+        sums[key] = torch.zeros(mod.in_features, dtype=torch.float64, device=mod.weight.device)
 
         def hook(_m, args, key=key):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(sums[key].device, torch.float64)
             sums[key] += (x * x).sum(0)
         hooks.append(mod.register_forward_pre_hook(hook))
     if not sums:
@@ -171,7 +172,7 @@ def compute_imatrix(ctx, gguf_path: Path) -> tuple[Path, dict]:
     w.add_uint32("imatrix.chunk_count", n)
     w.add_uint32("imatrix.chunk_size", seq_len)
     for key, s in sums.items():
-        w.add_tensor(f"{key}.in_sum2", s.numpy().astype(np.float32).reshape(1, -1))
+        w.add_tensor(f"{key}.in_sum2", s.cpu().numpy().astype(np.float32).reshape(1, -1))
         w.add_tensor(f"{key}.counts", np.array([[n * seq_len]], dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -268,6 +269,9 @@ class GGUF(Format):
 
     def needs_calibration(self, opts: GGUFOptions) -> bool:
         return opts.imatrix and any(t not in IMATRIX_UNUSED for t in opts.types)
+
+    def build_profile(self, opts: GGUFOptions) -> tuple[str, str]:
+        return ("whole", "imatrix") if opts.imatrix else ("convert", "gguf")
 
     def variants(self, opts: GGUFOptions) -> list[GGUFOptions]:
         # imatrix is switched off where the type ignores it, so those variants need (and key on) no calibration

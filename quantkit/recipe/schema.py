@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -11,11 +11,30 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    source: str = Field(description="local HF dir, hub id (org/name), or a .gguf file")
+    source: str = Field(description="local HF dir, hub id (org/name), a .gguf file, or dummy:CONFIG")
     revision: str | None = Field(None, description="hub commit/tag; required for hub ids")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    # scale (quantkit/placement.py): where the weights live while a target is made, and how many GPUs calibrate
+    layers: int | None = Field(None, ge=1, le=512, description="dummy sources: number of decoder layers")
+    offload: Literal["auto", "none", "cpu", "disk"] = Field(
+        "auto", description="calibrated targets: weights in host RAM (cpu), on disk (disk), or as planned (auto)")
+    offload_dir: str | None = Field(None, description="a writable directory for `offload: disk`")
+    gpus: int | Literal["auto"] = Field(1, description="GPUs that calibrate together (distributed oneshot)")
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 64:
+            raise ValueError("gpus must be between 1 and 64, or auto")
+        return v
+
+    @model_validator(mode="after")
+    def _layers_need_dummy(self) -> "ModelSpec":
+        if self.layers is not None and not self.source.startswith("dummy:"):
+            raise ValueError("layers applies to dummy sources only (source: dummy:CONFIG)")
+        return self
 
 
 class CalibrationSpec(Strict):

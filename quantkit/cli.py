@@ -76,12 +76,14 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
                                                     "(default ./reports/<recipe name>)")) -> None:
     """Build every target of RECIPE (skipping artifacts already in the store), evaluate, publish, report."""
     from quantkit.build import gate_failures, run_build
+    from quantkit.progress import BuildProgress
     from quantkit.recipe.loader import load_recipe
     from quantkit import report
 
     loaded = load_recipe(recipe)
     with _stdout_to_stderr():
-        result = run_build(loaded, only_target=target, store=store, console=err, executor=executor)
+        result = run_build(loaded, only_target=target, store=store, console=err, executor=executor,
+                           progress=BuildProgress(err))
     rows = report.rows(result.manifests)
     title = f"{loaded.recipe.name}: {len(result.built)} built, {len(result.cached)} from store"
     paths = report.write_reports(rows, report_dir or Path("reports") / loaded.recipe.name, loaded.recipe.name)

@@ -7,9 +7,10 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 # Strings that become ids, file or directory names: bounded, and only characters safe in paths and URLs.
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=96)]
+NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"  # no control characters or line separators
 # Strings that name files, URIs, module globs: bounded, no control characters (a NUL breaks every os call).
-Text = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]*$", min_length=1, max_length=1024)]
-Pattern = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]*$", min_length=1, max_length=256)]
+Text = Annotated[str, StringConstraints(pattern=NO_CONTROL, min_length=1, max_length=1024)]
+Pattern = Annotated[str, StringConstraints(pattern=NO_CONTROL, min_length=1, max_length=256)]
 Patterns = Annotated[list[Pattern], Field(max_length=1024)]
 # Sane upper bounds: far above any real use, low enough that nothing downstream overflows or allocates wildly.
 MAX_TOKENS = 1 << 20  # sequence lengths

@@ -13,7 +13,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-import yaml
 
 from quantkit.errors import UserError
 from quantkit.util import cache_dir, cached_sha256, sha256_json
@@ -33,25 +32,66 @@ class TextSource:
     docs: tuple[str, ...]
 
 
+DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def dataset_names() -> list[str]:
+    return sorted(p.stem for p in DEFINITIONS.glob("*.yaml"))
+
+
+def is_dataset_file(dataset: str) -> bool:
+    return Path(dataset).suffix in DATA_SUFFIXES
+
+
 def _definitions() -> dict[str, dict]:
-    return {p.stem: yaml.safe_load(p.read_text()) for p in sorted(DEFINITIONS.glob("*.yaml"))}
+    from quantkit import safe_yaml
+
+    return {p.stem: safe_yaml.load(p, "dataset definition")[0] for p in sorted(DEFINITIONS.glob("*.yaml"))}
 
 
 def _read_file(path: Path, text_field: str) -> list[str]:
+    """Documents of a .txt/.jsonl/.parquet file; anything malformed is a one-line UserError with file:line."""
+    if path.suffix not in DATA_SUFFIXES:
+        raise UserError(f"unsupported dataset file {path.name}", fix="use .txt, .jsonl or .parquet")
+    if not path.is_file():
+        raise UserError(f"dataset {path} is not a regular file")
     if path.suffix == ".txt":
-        return [path.read_text()]
+        return [_utf8(path.read_bytes(), path, 1)]
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    elif path.suffix == ".parquet":
+        rows = []
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                line = _utf8(raw, path, n)
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except (json.JSONDecodeError, RecursionError) as e:
+                        raise UserError(f"invalid JSON line: {getattr(e, 'msg', type(e).__name__)}",
+                                        where=f"{path}:{n}", fix="one JSON object per line") from None
+    else:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
-    else:
-        raise UserError(f"unsupported dataset file {path.name}", fix="use .txt, .jsonl or .parquet")
-    if rows and text_field not in rows[0]:
-        raise UserError(f"{path}: rows have no field {text_field!r} (fields: {', '.join(rows[0])})",
-                        fix="set calibration.text_field")
+        try:
+            rows = pq.read_table(path, columns=[text_field]).to_pylist()
+        except (pa.ArrowException, OSError, KeyError) as e:
+            raise UserError(f"cannot read column {text_field!r} of parquet file {path}: {type(e).__name__}: "
+                            f"{str(e)[:200]}", fix="check the file and calibration.text_field") from None
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r, dict) or not isinstance(r.get(text_field), str):
+            fields = ", ".join(map(str, r)) if isinstance(r, dict) else type(r).__name__
+            raise UserError(f"row {n} has no text field {text_field!r} (it has: {fields[:200]})", where=f"{path}:{n}",
+                            fix="set calibration.text_field")
     return [r[text_field] for r in rows]
+
+
+def _utf8(raw: bytes, path: Path, line: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line += raw[:e.start].count(b"\n")
+        raise UserError(f"not UTF-8 text (byte 0x{raw[e.start]:02x})", where=f"{path}:{line}",
+                        fix="re-encode the file as UTF-8") from None
 
 
 def _from_hub(ref: dict, split: str, text_field: str) -> tuple[list[str], str]:
@@ -68,10 +108,10 @@ def _from_hub(ref: dict, split: str, text_field: str) -> tuple[list[str], str]:
 @lru_cache(maxsize=8)
 def load_texts(dataset: str, split: str, path: str | None = None, text_field: str = "text") -> TextSource:
     """Resolve a dataset name or file: recipe path > $QUANTKIT_DATA/<local> > the hub."""
-    if path or Path(dataset).suffix in (".txt", ".jsonl", ".parquet"):
+    if path or is_dataset_file(dataset):
         p = Path(path or dataset)
-        if not p.exists():
-            raise UserError(f"calibration file not found: {p}", fix="check calibration.path")
+        if not p.is_file():
+            raise UserError(f"calibration file not found (or not a file): {p}", fix="check calibration.path")
         return TextSource(dataset, split, str(p), cached_sha256(p), tuple(_read_file(p, text_field)))
     defs = _definitions()
     if dataset not in defs:

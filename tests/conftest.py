@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ci_strict import pytest_runtest_makereport  # noqa: F401 - a hook: with CI set, missing set-up fails
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("QUANTKIT_DATA", str(ROOT.parent / "shared" / "data"))

@@ -24,11 +24,12 @@ from quantkit.code_identity import code_identity
 from quantkit.context import BuildContext
 from quantkit.errors import UserError
 from quantkit.executors import get_executor
-from quantkit.evaluation.run import Want, evaluate, have_keys, measurable, merge, wanted
+from quantkit.evaluation.run import Want, evaluate, have_keys, measurable, wanted
 from quantkit.formats import Format, TargetOptions, get_format
 from quantkit.formats._storage_dtype import storage_dtype
 from quantkit.recipe.loader import LoadedRecipe
 from quantkit.sources.resolve import resolve_source
+from quantkit.store.manifest import merge
 from quantkit.store.store import Store
 from quantkit.util import StagePeak, host_info, library_versions, peak_rss_mb, sha256_json
 

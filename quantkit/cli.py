@@ -59,10 +59,10 @@ def _stdout_to_stderr():
         os.close(saved)
 
 
-def _open_store(uri: Optional[str]):
+def _open_store(uri: Optional[str], must_exist: bool = True):
     from quantkit.store.cli import open_store
 
-    return open_store(uri)
+    return open_store(uri, must_exist)
 
 
 @app.command()
@@ -180,7 +180,7 @@ def plan(recipe_or_model: str = typer.Argument(..., help="a recipe YAML, a model
         ref = str(local) if local.exists() else (f"{src}@{loaded.recipe.model.revision}"
                                                  if loaded.recipe.model.revision else src)
         shape = planner.shape_from_config(planner.load_config(ref))
-        built = {m["target"]["name"]: m for m in _open_store(store or loaded.recipe.store.uri).list()
+        built = {m["target"]["name"]: m for m in _open_store(store or loaded.recipe.store.uri, must_exist=False).list()
                  if m["recipe"]["name"] == loaded.recipe.name}
         candidates.append(planner.nominal_candidate("baseline (16-bit)", shape, None))
         for t in loaded.targets:

@@ -21,10 +21,17 @@ class GateStatus(str, Enum):
     failed = "failed"
 
 
-def open_store(uri: Optional[str]):
+def open_store(uri: Optional[str], must_exist: bool = True):
+    """The store to read. Reading never creates one (a typo in --store must not make a bucket): a store that
+    does not exist is one line and exit 2, unless the caller treats it as empty (must_exist=False)."""
+    from quantkit.errors import UserError
     from quantkit.store.store import Store
 
-    return Store(uri or os.environ.get("QUANTKIT_STORE") or str(Path.cwd() / "model-store"))
+    st = Store(uri or os.environ.get("QUANTKIT_STORE") or str(Path.cwd() / "model-store"))
+    if must_exist and not st.exists():
+        raise UserError(f"no store at {st.uri} (nothing was ever published there)",
+                        fix="check --store / $QUANTKIT_STORE / the recipe's store.uri")
+    return st
 
 
 @store_app.command("list")
@@ -70,9 +77,12 @@ def store_list(store: Optional[str] = StoreOpt, as_json: bool = typer.Option(Fal
 
 @store_app.command("show")
 def store_show(artifact_id: str, store: Optional[str] = StoreOpt) -> None:
-    """Print an artifact's manifest (ID or a unique prefix)."""
+    """Print an artifact's manifest (ID or a unique prefix), the newest measurements merged into `metrics`;
+    every measurement added after publishing, oldest first, is under `eval_history`."""
     s = open_store(store)
-    print(json.dumps(s.get(s.resolve_id(artifact_id)), indent=2))
+    i = s.resolve_id(artifact_id)
+    history = [{"record": p.rsplit("/", 1)[-1], **r} for p, r in s.eval_records(i)]
+    print(json.dumps({**s.get(i), **({"eval_history": history} if history else {})}, indent=2))
 
 
 @store_app.command("verify")
@@ -114,7 +124,7 @@ def store_push(artifact_ids: Optional[list[str]] = typer.Argument(None, help="ID
     if not artifact_ids and not all_:
         raise UserError("name the artifacts to push, or --all")
     ids = s.ids() if all_ else [s.resolve_id(a) for a in artifact_ids]
-    r = push(s, open_store(to), ids)
+    r = push(s, open_store(to, must_exist=False), ids)
     for i in r.entries:
         print(f"pushed {i}")
     print(f"{len(r.entries)} pushed, {len(r.already)} already there; {r.blobs_copied} blobs "

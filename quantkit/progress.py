@@ -52,7 +52,7 @@ class BuildProgress:
         eval_s += THROUGHPUT_S if ev.throughput else 0
         for p in plans:
             produce = p.fmt.estimate_s(p.opts, params=params, calib_tokens=calib_tokens, pass_tokens=pass_tokens)
-            self.items[p.artifact_id] = _Item(p.opts.name, produce + eval_s, p.artifact_id in cached_ids)
+            self.items[p.opts.name] = _Item(p.opts.name, produce + eval_s, p.artifact_id in cached_ids)
         todo = [i for i in self.items.values() if not i.cached]
         if todo:
             est = _duration(sum(i.estimate_s for i in todo))
@@ -60,7 +60,7 @@ class BuildProgress:
                                "on 2 CPU cores", highlight=False, soft_wrap=True)
 
     def finished(self, manifest: dict) -> None:
-        item = self.items.get(manifest["id"])
+        item = self.items.get(manifest["target"]["name"])  # by name: a Ray worker may re-key its plan
         if item is None:
             return
         item.done = True
@@ -77,7 +77,7 @@ class BuildProgress:
         """Estimates of the targets still to build, scaled by actual / estimated over the finished ones."""
         built = [i for i in self.items.values() if i.done and not i.cached]
         actual = sum(m.get("build", {}).get("wall_s", 0) for m in self.manifests
-                     if not self.items[m["id"]].cached)
+                     if not self.items[m["target"]["name"]].cached)
         estimated = sum(i.estimate_s for i in built)
         scale = actual / estimated if built and estimated > 0 and actual > 0 else 1.0
         return scale * sum(i.estimate_s for i in self.items.values() if not (i.done or i.cached))

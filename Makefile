@@ -44,8 +44,9 @@ $(DEMO_MODEL)/config.json: | $(BIN)/.installed
 
 model: $(DEMO_MODEL)/config.json
 
+# Library progress bars off: the build prints one line per finished artifact (its table row and the time left).
 demo: setup model
-	$(BIN)/quantkit build recipes/smollm2-135m-demo.yaml
+	TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 $(BIN)/quantkit build recipes/smollm2-135m-demo.yaml
 
 test: setup model
 	$(BIN)/python -m pytest -q

@@ -67,10 +67,8 @@ def launch(job: dict, world: int, workdir: Path, timeout: float | None = None) -
     return [pickle.loads((workdir / f"rank{r}.result").read_bytes()) for r in range(world)]
 
 
-def run_distributed(ctx, modifiers: list, out_dir: Path) -> dict:
-    """The calibrated oneshot of one target over `ctx.placement.gpus` processes; -> quantization_config."""
-    import json
-
+def run_distributed(ctx, modifiers: list, out_dir: Path) -> None:
+    """The calibrated oneshot of one target over `ctx.placement.gpus` processes, saved to out_dir."""
     world = ctx.placement.gpus
     job = {"recipe": str(ctx.loaded.path), "modifiers": modifiers, "out_dir": str(out_dir),
            "workdir": str(ctx.workdir)}
@@ -79,7 +77,6 @@ def run_distributed(ctx, modifiers: list, out_dir: Path) -> dict:
     ctx.devices["calibration"] = (f"{world} processes (torch.distributed, {results[0]['backend']}): "
                                   + ", ".join(r["device"] for r in results) + "; weights offloaded, one layer "
                                   f"at a time per GPU; {time.perf_counter() - t0:.1f} s")
-    return json.loads((out_dir / "config.json").read_text()).get("quantization_config", {})
 
 
 def _init_process_group() -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from quantkit.formats._storage_dtype import storage_dtype, write_unquantized_in
 from quantkit.util import quiet_llmcompressor
 
 LIBRARIES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
@@ -27,7 +28,8 @@ def run_oneshot(ctx, modifiers: list, out_dir: Path, *, calibrate: bool) -> dict
     if calibrate and ctx.placement.gpus > 1:
         from quantkit.distributed import run_distributed
 
-        return run_distributed(ctx, modifiers, out_dir)
+        run_distributed(ctx, modifiers, out_dir)
+        return _finish(ctx, out_dir)
     from llmcompressor import oneshot
 
     model = ctx.load_model("layerwise")
@@ -39,6 +41,12 @@ def run_oneshot(ctx, modifiers: list, out_dir: Path, *, calibrate: bool) -> dict
     model.save_pretrained(out_dir, save_compressed=True)
     ctx.tokenizer.save_pretrained(out_dir)
     del model
+    write_unquantized_in(out_dir, storage_dtype(ctx))  # embeddings, norms, lm_head: the source's dtype
+    return _finish(ctx, out_dir)
+
+
+def _finish(ctx, out_dir: Path) -> dict:
+    write_unquantized_in(out_dir, storage_dtype(ctx))  # embeddings, norms, lm_head: the source's dtype
     return json.loads((out_dir / "config.json").read_text()).get("quantization_config", {})
 
 
@@ -74,9 +82,9 @@ def run_model_free(ctx, config, out_dir: Path) -> dict:
     # first match wins here, while oneshot prefers exact names over the class: specific groups go first
     groups = dict(sorted(config.config_groups.items(), key=lambda kv: "Linear" in kv[1].targets))
     config = config.model_copy(update={"ignore": ignore, "config_groups": groups})
-    ctx.devices["quantize"] = f"llm-compressor model-free (safetensors shard by shard, no model built) on {pl.compute}"
+    ctx.devices["quantize"] = f"llm-compressor model-free (shard by shard, no model built) on {pl.compute}"
     model_free_ptq(str(ctx.source.path), str(out_dir), config=config, device=device, max_workers=1)
     for extra in ("quantkit-import.json", "quantkit-dummy.json"):  # source bookkeeping, not the artifact's
         (out_dir / extra).unlink(missing_ok=True)
     ctx.tokenizer.save_pretrained(out_dir)
-    return json.loads((out_dir / "config.json").read_text()).get("quantization_config", {})
+    return _finish(ctx, out_dir)

@@ -89,8 +89,10 @@ class Need:
 
 
 def plan_build(arch: Arch, profiles: list[tuple[str, tuple[str, str] | None]], *, samples: int, seq_len: int,
-               gpu: dict, gpus: int, host_ram: float, dtype_bytes: int = 2, offload: str = "auto") -> list[Need]:
-    """profiles: (target name, Format.build_profile) in build order; gpu: a row of gpus.yaml (with name)."""
+               gpu: dict, gpus: int, host_ram: float, dtype_bytes: int = 2, offload: str = "auto",
+               calib_procs: int = 1) -> list[Need]:
+    """profiles: (target name, Format.build_profile) in build order; gpu: a row of gpus.yaml (with name);
+    gpus: GPUs on the host (whole-model forwards spread over all); calib_procs: llm-compressor ranks."""
     c = costs()
     tokens = samples * seq_len
     weights = arch.params * dtype_bytes
@@ -114,14 +116,16 @@ def plan_build(arch: Arch, profiles: list[tuple[str, tuple[str, str] | None]], *
             fwd = 2 * arch.layer_params * tokens * 2 / bf16
             hess = 2 * tokens * sum(i * i for i, _ in arch.linears()) / fp32 if k.get("hessian") else 0
             solve = 2 * sum(i * i * o for i, o in arch.linears()) / fp32 if k.get("hessian") else 0
-            per_layer = k["time_factor"] * (fwd * k.get("forward_passes", 1) + hess + solve) / max(1, gpus) ** \
-                k.get("gpu_scaling", 1.0)
+            # data-parallel calibration, weight-parallel GPTQ: llm-compressor's 8B runs scale ~0.5x per doubling
+            per_layer = k["time_factor"] * (fwd * k.get("forward_passes", 1) + hess + solve) / calib_procs ** \
+                k.get("gpu_scaling", 0.9)
             secs = per_layer * arch.layers + c["fixed_s"] + weights / (c["load_gb_s"] * GB)
             hessians = 4 * sum(i * i for i, _ in arch.linears()) if k.get("hessian") else 0
-            layer_gpu = arch.layer_params * dtype_bytes + hessians + \
-                k["act_bytes_per_token_width"] * seq_len * (arch.hidden + arch.intermediate)
-            embed_gpu = arch.vocab * arch.hidden * dtype_bytes * 2 + 4 * seq_len * arch.vocab
-            gpu_need = max(layer_gpu, embed_gpu) + c["cuda_context_gb"] * GB
+            layer_gpu = arch.layer_params * dtype_bytes + hessians
+            # the first subgraph onloads the embedding, the last the lm_head with one sample's fp32 logits
+            embed_gpu = arch.vocab * arch.hidden * dtype_bytes + 6 * seq_len * arch.vocab
+            acts = k["act_bytes_per_token_width"] * seq_len * (arch.hidden + arch.intermediate)
+            gpu_need = max(layer_gpu, embed_gpu) + acts + c["cuda_context_gb"] * GB
             host = base + weights + acts_cache
             where = "host RAM"
             if offload == "disk" or (offload == "auto" and host * HEADROOM > host_ram):
@@ -132,9 +136,11 @@ def plan_build(arch: Arch, profiles: list[tuple[str, tuple[str, str] | None]], *
             secs = k["time_factor"] * fwd * k.get("forward_passes", 1) + c["fixed_s"] + weights / (c["load_gb_s"] * GB)
             on_gpu = weights * HEADROOM <= gpu_cap * gpus
             host = base + (0 if on_gpu else weights - gpu_cap * gpus * 0.9)
-            gpu_need = min(weights * HEADROOM, gpu_cap) / GB
-            n = Need(name, how, alg, "GPU" if on_gpu else "GPU + host RAM (device_map=auto)", host / GB,
-                     gpu_need, secs / 60, True)
+            one = weights * HEADROOM <= gpu_cap  # placement.whole_model_device_map: one GPU when it fits
+            gpu_need = min(weights * HEADROOM / (1 if one else gpus), gpu_cap) / GB  # per GPU
+            where = ("GPU" if one else f"{gpus} GPUs (device_map=auto)") if on_gpu else \
+                "GPU + host RAM (device_map=auto)"
+            n = Need(name, how, alg, where, host / GB, gpu_need, secs / 60, True)
         else:  # convert: llama.cpp reads the safetensors and writes the GGUF, streaming
             secs = 2 * weights / (c["model_free_gb_s"] * GB) + c["fixed_s"]
             n = Need(name, how, alg, "files (streamed)", (base + c["shard_gb"] * GB) / GB, 0, secs / 60, True)
@@ -166,7 +172,7 @@ def plan_recipe(loaded, config: dict, gpu_name: str, gpus: int, host_ram: float)
     c = loaded.recipe.calibration
     dtype_bytes = 4 if spec.dtype == "float32" else 2
     return plan_build(Arch.from_config(config), profiles, samples=c.num_samples, seq_len=c.seq_len, gpu=gpu,
-                      gpus=n, host_ram=host_ram, dtype_bytes=dtype_bytes, offload=spec.offload)
+                      gpus=gpus, host_ram=host_ram, dtype_bytes=dtype_bytes, offload=spec.offload, calib_procs=n)
 
 
 def table(needs: list[Need], title: str):

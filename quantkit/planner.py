@@ -70,11 +70,11 @@ def nominal_candidate(name: str, shape: ModelShape, bits: float | None) -> Candi
 
 
 def resolve_gpu(name: str) -> str:
-    """A gpus.yaml key from its exact name or an unambiguous prefix (`H200` -> `H200-141GB`)."""
+    """A gpus.yaml key from its exact name or its model name when only one size is listed (`H200`)."""
     table = gpu_table()
     if name in table:
         return name
-    hits = [k for k in table if k.lower().startswith(name.lower().replace(" ", "-"))]
+    hits = [k for k in table if k.split("-")[0].lower() == name.lower()]  # the model name alone: H200
     if len(hits) == 1:
         return hits[0]
     import difflib

@@ -40,9 +40,18 @@ def run_oneshot(ctx, modifiers: list, out_dir: Path, *, calibrate: bool) -> dict
     oneshot(model=model, recipe=modifiers, tokenizer=ctx.tokenizer, **kwargs)
     model.save_pretrained(out_dir, save_compressed=True)
     ctx.tokenizer.save_pretrained(out_dir)
+    release_session()
     del model
     write_unquantized_in(out_dir, storage_dtype(ctx))  # embeddings, norms, lm_head: the source's dtype
     return _finish(ctx, out_dir)
+
+
+def release_session() -> None:
+    """llm-compressor's global session keeps the last model until the next oneshot resets it, which comes
+    after the next target has loaded its own: reset now, so one target's model is gone before the next's."""
+    from llmcompressor.core import active_session
+
+    active_session().reset()
 
 
 def _finish(ctx, out_dir: Path) -> dict:

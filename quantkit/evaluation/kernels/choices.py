@@ -1,0 +1,61 @@
+"""Which kernel serves each weight kind, per GPU and batch size: data measured on the GPU, not guessed.
+
+`data/choices.json` maps a GPU name (as `torch.cuda.get_device_name` reports it) to {kind: {batch: kernel}};
+it is written from the end-to-end runs of `scripts/bench_engine_gpu.py` (docs/benchmarks/h200/). A GPU or batch
+size it does not list gets `DEFAULT` (the kernels that were fastest at every batch size on the H200 except
+where the table says otherwise). On a CPU every kind runs its reference path.
+
+gemlite picks its bundled Triton autotune configuration by a substring of the GPU name and has none for the
+H200, so without one it autotunes every shape on first use (minutes). `data/gemlite-<gpu>.json` is the cache
+gemlite wrote after autotuning once on that GPU (`gemlite.cache_config`); it is loaded before any gemlite call.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data"
+DEFAULT = {"dense": "cublas-bf16", "fp8": "scaled_mm-epilogue", "int8": "gemlite", "int4": "gemlite"}
+CPU = {"dense": "reference", "fp8": "reference", "int8": "reference", "int4": "reference"}
+
+
+def gpu_slug(name: str) -> str:
+    return name.lower().replace("nvidia", "").strip().replace(" ", "_")
+
+
+@functools.lru_cache(maxsize=1)
+def _table() -> dict:
+    f = DATA / "choices.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def kernel_set(device: str, batch_size: int) -> dict[str, str]:
+    if device != "cuda":
+        return dict(CPU)
+    import torch
+
+    per_gpu = _table().get(torch.cuda.get_device_name(0), {})
+    out = dict(DEFAULT)
+    for kind, by_batch in per_gpu.items():
+        if not isinstance(by_batch, dict):
+            continue
+        known = sorted(int(b) for b in by_batch)
+        # the measured batch size nearest below (or the smallest), so 8 takes the choice made at 1, 32 at 16
+        pick = max((b for b in known if b <= batch_size), default=known[0])
+        out[kind] = by_batch[str(pick)]
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def load_gemlite_config() -> str | None:
+    """Load the shipped gemlite autotune cache for this GPU; returns the file used (None: gemlite autotunes)."""
+    import torch
+
+    f = DATA / f"gemlite-{gpu_slug(torch.cuda.get_device_name(0))}.json"
+    if not f.exists():
+        return None
+    import gemlite
+
+    gemlite.load_config(str(f))
+    return f.name

@@ -140,20 +140,27 @@ def build(kind: str, dense: dict, cfg: dict, root: Path, group: int) -> Path:
     return save(root / kind, {**cfg, "quantization_config": qc}, out, extra)
 
 
-def check(engine, h, path: Path, vocab: int) -> dict:
-    """Kernel path (handle h, not yet compiled) vs the same engine's reference path (dequantized weights):
-    last-token logits of 2 x 64 random tokens."""
-    ids = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(1)).to(DEV)
-    pos = torch.arange(64, device=DEV)
+def check(engine, h, path: Path) -> dict:
+    """Every kernel-backed linear of handle h against the same linear on the engine's reference path
+    (dequantized weights, fp32 matmul), on the same random activations (16 tokens): worst relative error.
+    (Whole-model logits are no check on a random model: its near-hard attention amplifies any rounding.)"""
     ref = engine.load(path, ".", kernels={k: "reference" for k in ("fp8", "int8", "int4")}, compile=False)
+    mods = dict(ref.model.named_modules())
+    worst, n = 0.0, 0
+    g = torch.Generator(device=DEV).manual_seed(1)
     with torch.inference_mode():
-        a = h.model(ids, pos, last_only=True).float()
-        b = ref.model(ids, pos, last_only=True).float()
-    del ref
+        for name, m in h.model.named_modules():
+            if getattr(m, "kernel", "reference") in ("reference", "cublas-bf16"):
+                continue
+            x = torch.randn(16, mods[name].in_features if hasattr(mods[name], "in_features") else
+                            (mods[name].q.shape[1] if hasattr(mods[name], "q") else mods[name].weight.shape[1]),
+                            generator=g, device=DEV).to(h.dtype)
+            a, b = m(x).float(), mods[name](x).float()
+            worst, n = max(worst, float((a - b).norm() / b.norm())), n + 1
+    del ref, mods
     if DEV == "cuda":
         torch.cuda.empty_cache()
-    return {"rel_err": round(float((a - b).norm() / b.norm()), 5),
-            "top1_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
+    return {"linears": n, "max_rel_err": round(worst, 5)}
 
 
 def main() -> None:
@@ -214,7 +221,7 @@ def main() -> None:
             t1 = time.perf_counter()
             h = engine.load(path, ".", kernels=kernels, compile=False)
             rec["load_s"] = round(time.perf_counter() - t1, 1)
-            rec["check"] = check(engine, h, path, cfg["vocab_size"])
+            rec["check"] = check(engine, h, path)
             if DEV == "cuda":
                 engine.compile(h)
             tp = engine.throughput(h, spec)

@@ -7,7 +7,9 @@ where the table says otherwise). On a CPU every kind runs its reference path.
 
 gemlite picks its bundled Triton autotune configuration by a substring of the GPU name and has none for the
 H200, so without one it autotunes every shape on first use (minutes). `data/gemlite-<gpu>.json` is the cache
-gemlite wrote after autotuning once on that GPU (`gemlite.cache_config`); it is loaded before any gemlite call.
+gemlite wrote after autotuning once on that GPU (`gemlite.cache_config`); it is loaded before any gemlite call,
+over gemlite's own configuration for the nearest GPU it ships (`BASE`: the H200 is an H100 chip with faster
+memory), so shapes the shipped file does not cover start from tuned settings instead of a new autotune.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
 DEFAULT = {"dense": "cublas-bf16", "fp8": "scaled_mm-epilogue", "int8": "gemlite", "int4": "gemlite"}
+BASE = {"h200": "h100"}  # gemlite ships no H200 configuration; the H100's is the same sm90 chip
 CPU = {"dense": "reference", "fp8": "reference", "int8": "reference", "int4": "reference"}
 
 
@@ -52,10 +55,16 @@ def load_gemlite_config() -> str | None:
     """Load the shipped gemlite autotune cache for this GPU; returns the file used (None: gemlite autotunes)."""
     import torch
 
-    f = DATA / f"gemlite-{gpu_slug(torch.cuda.get_device_name(0))}.json"
-    if not f.exists():
-        return None
     import gemlite
 
-    gemlite.load_config(str(f))
-    return f.name
+    slug = gpu_slug(torch.cuda.get_device_name(0))
+    used = []
+    base = next((b for tag, b in BASE.items() if tag in slug), None)
+    if base:
+        f = Path(gemlite.__file__).parent / "configs" / f"{base}.json"
+        if f.exists() and gemlite.load_config(str(f)):
+            used.append(f"gemlite/configs/{f.name}")
+    f = DATA / f"gemlite-{slug}.json"
+    if f.exists() and gemlite.load_config(str(f)):
+        used.append(f"quantkit {f.name}")
+    return " + ".join(used) or None

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantkit.recipe.schema import GateSpec
+from quantkit.recipe.schema import GateSpec, Name
 
 if TYPE_CHECKING:
     from quantkit.context import BuildContext
@@ -22,12 +22,12 @@ if TYPE_CHECKING:
 class TargetOptions(BaseModel):
     """Base of every format's options. Subclasses add fields; unknown keys are errors (with did-you-mean)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    format: str
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    name: Name
+    format: Name
     gates: GateSpec | None = None  # per-target limits; override the recipe's `gates`
     # what a distributed executor reserves for this target, e.g. {num_gpus: 1} (Ray task options)
-    resources: dict[str, float | str] | None = None
+    resources: dict[Name, Annotated[float, Field(ge=0, le=1e6)] | Name] | None = Field(None, max_length=32)
 
     # fields that say how to build or judge, not what is built: they do not key the artifact
     NOT_IDENTITY: ClassVar[set[str]] = {"name", "gates", "resources"}
@@ -78,8 +78,14 @@ class Format:
 _REGISTRY: dict[str, Format] = {}
 
 
+class DuplicateFormat(RuntimeError):
+    """A second format claims a name already registered (e.g. a plugin named like a built-in)."""
+
+
 def register(cls: type[Format]) -> type[Format]:
     if cls.name in _REGISTRY:
-        raise RuntimeError(f"format {cls.name!r} registered twice")
+        have = type(_REGISTRY[cls.name])
+        raise DuplicateFormat(f"format name {cls.name!r} is already registered by {have.__module__}.{have.__name__}; "
+                              f"{cls.__module__}.{cls.__name__} must use another name")
     _REGISTRY[cls.name] = cls()
     return cls

@@ -131,7 +131,7 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
             if st.has(plan.artifact_id):
                 manifest = st.get(plan.artifact_id)
                 have = have_keys(manifest.get("metrics", {}))
-                missing = measurable(manifest["engine"], [w for w in wants if w.key not in have])
+                missing = [w for w in measurable(manifest["engine"], wants) if w.key not in have]
                 if missing:
                     console.print(f"[bold]{plan.opts.name}[/]: in store, measuring "
                                   f"{', '.join(w.name for w in missing)}")

@@ -38,16 +38,28 @@ def kernel_set(device: str, batch_size: int) -> dict[str, str]:
         return dict(CPU)
     import torch
 
-    per_gpu = _table().get(torch.cuda.get_device_name(0), {})
+    return choose(_table().get(torch.cuda.get_device_name(0), {}), batch_size)
+
+
+def choose(per_gpu: dict, batch_size: int) -> dict[str, str]:
+    """DEFAULT overridden by a GPU's table: per kind, the choice measured at the batch size nearest below
+    (or the smallest measured), so 8 takes the choice made at 1, and 64 the one made at 16."""
     out = dict(DEFAULT)
     for kind, by_batch in per_gpu.items():
-        if not isinstance(by_batch, dict):
-            continue
         known = sorted(int(b) for b in by_batch)
-        # the measured batch size nearest below (or the smallest), so 8 takes the choice made at 1, 32 at 16
-        pick = max((b for b in known if b <= batch_size), default=known[0])
-        out[kind] = by_batch[str(pick)]
+        out[kind] = by_batch[str(max((b for b in known if b <= batch_size), default=known[0]))]
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def data_fingerprint() -> str:
+    """sha256 over the kernel choice and autotune files: a new table means new speed numbers."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(DATA.glob("*.json")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=1)

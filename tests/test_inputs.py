@@ -136,8 +136,8 @@ def test_bad_cli_argument_in_a_real_process():
 @pytest.mark.parametrize("name, data, expect", [
     ("bad.jsonl", b'{"text": "a"}\n{"text": \n', ":2: invalid JSON line"),
     ("latin1.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n', ":2: not UTF-8 text (byte 0xe9)"),
-    ("field.jsonl", b'{"text": "a"}\n{"body": "b"}\n', ":2: row 2 has no text field 'text' (it has: body)"),
-    ("list.jsonl", b'[1, 2]\n', ":1: row 1 has no text field 'text' (it has: list)"),
+    ("field.jsonl", b'{"text": "a"}\n{"body": "b"}\n', ":2: row 2 has no field 'text' holding text (it has: body)"),
+    ("list.jsonl", b'[1, 2]\n', ":1: row 1 has no field 'text' holding text (it has: list)"),
     ("deep.jsonl", b"[" * 100000 + b"]" * 100000 + b"\n", ":1: invalid JSON line"),
     ("bin.txt", b"ok\n\xff\xfe\n", ":2: not UTF-8 text (byte 0xff)"),
     ("junk.parquet", b"PAR1 not really parquet", "cannot read column 'text' of parquet file"),

@@ -79,7 +79,8 @@ class Loaded:
 class LlamaCppEngine:
     name = "llama.cpp"
 
-    def load(self, path: Path, entry: str = ".", dtype: str = "auto") -> Loaded:
+    def load(self, path: Path, entry: str = ".", dtype: str = "auto", trust_remote_code: bool = False) -> Loaded:
+        # a GGUF file holds no Python: nothing to trust (the flag is accepted like every engine's)
         p = Path(path) / entry
         if not p.is_file():
             raise FileNotFoundError(f"no GGUF file at {p}")

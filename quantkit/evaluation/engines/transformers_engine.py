@@ -25,7 +25,7 @@ class Loaded:
 class TransformersEngine:
     name = "transformers"
 
-    def load(self, path: Path, entry: str = ".", dtype: str = "auto") -> Loaded:
+    def load(self, path: Path, entry: str = ".", dtype: str = "auto", trust_remote_code: bool = False) -> Loaded:
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -37,7 +37,9 @@ class TransformersEngine:
         if device == "cpu" and torch_dtype in (torch.bfloat16, torch.float16):
             torch_dtype = torch.float32
         # No device_map: accelerate's dispatch hooks add per-module Python overhead that dominates decode speed.
-        model = AutoModelForCausalLM.from_pretrained(Path(path) / entry, dtype=torch_dtype).to(device)
+        # artifacts are safetensors; a dense source was checked by sources.resolve (pickle only if allowed)
+        model = AutoModelForCausalLM.from_pretrained(Path(path) / entry, dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code).to(device)
         model.eval()
         return Loaded(model, device, str(next(model.parameters()).dtype).removeprefix("torch."))
 

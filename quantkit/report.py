@@ -55,7 +55,7 @@ def rows(manifests: Iterable[dict]) -> list[dict]:
                "format": m["target"]["format"], "scheme": m["target"]["scheme"], "engine": m["engine"],
                "size_mb": round(_size(m) / 1e6, 1),
                "x_vs_16bit": round(ref16 / _size(m), 2) if ref16 and _size(m) else None, "ppl": {},
-               "gate": (m.get("gate") or {}).get("status")}
+               "gate": None}  # a recipe's current verdict, filled by gates.apply; never read from the manifest
         tp, ref = _throughput(m), _speed_reference(m, manifests)
         if tp:
             first = next(iter(tp["batches"].values()))

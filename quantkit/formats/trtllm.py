@@ -33,6 +33,7 @@ from pydantic import Field, field_validator
 
 from quantkit.errors import UserError
 from quantkit.formats._modelopt_check import algo_problem, check_checkpoint
+from quantkit.formats._storage_dtype import storage_dtype, write_unquantized_in
 from quantkit.formats.base import Format, Produced, TargetOptions, register
 from quantkit.recipe.schema import MAX_GROUP, Patterns
 
@@ -146,6 +147,8 @@ class TRTLLM(Format):
         info["export_s"] = round(time.perf_counter() - t0, 1)
         del model
         ctx.tokenizer.save_pretrained(out_dir)
+        # before the loader check and the decoded-export perplexity: what is verified is what is published
+        info.update(write_unquantized_in(out_dir, storage_dtype(ctx)))
         info["hf_quant_config"] = json.loads((out_dir / "hf_quant_config.json").read_text())
 
         problems = check_checkpoint(out_dir)

@@ -294,6 +294,7 @@ class GGUF(Format):
     name = "gguf"
     Options = GGUFOptions
     libraries = ("torch", "transformers", "gguf", "llama_cpp_python")
+    cost = (30.0, 15.0, 0.0)  # convert + quantize + llama.cpp checks; the imatrix is one calibration pass
 
     def needs_calibration(self, opts: GGUFOptions) -> bool:
         return opts.imatrix and any(t not in IMATRIX_UNUSED for t in opts.types)

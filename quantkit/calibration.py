@@ -18,7 +18,9 @@ from quantkit.errors import UserError
 from quantkit.util import cache_dir, cached_sha256, sha256_json
 
 DEFINITIONS = Path(os.environ.get("QUANTKIT_DATASETS", Path(__file__).resolve().parents[1] / "calibration"))
-SAMPLER_VERSION = "gptq-random-window/1"  # bump when sampling changes, so cached sets are not reused
+# bump when sampling changes, so cached sets are not reused. /2: documents are tokenized with the tokenizer's
+# default special tokens (BOS for Llama-family tokenizers), as GPTQ's datautils.get_c4 does
+SAMPLER_VERSION = "gptq-random-window/2"
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,8 @@ def _read_file(path: Path, text_field: str) -> list[str]:
     for n, r in enumerate(rows, 1):
         if not isinstance(r, dict) or not isinstance(r.get(text_field), str):
             fields = ", ".join(map(str, r)) if isinstance(r, dict) else type(r).__name__
-            raise UserError(f"row {n} has no text field {text_field!r} (it has: {fields[:200]})", where=f"{path}:{n}",
-                            fix="set calibration.text_field")
+            raise UserError(f"row {n} has no field {text_field!r} holding text (it has: {fields[:200]})",
+                            where=f"{path}:{n}", fix="set calibration.text_field")
     return [r[text_field] for r in rows]
 
 
@@ -105,9 +107,13 @@ def _from_hub(ref: dict, split: str, text_field: str) -> tuple[list[str], str]:
     return list(ds[text_field]), digest
 
 
-@lru_cache(maxsize=8)
 def load_texts(dataset: str, split: str, path: str | None = None, text_field: str = "text") -> TextSource:
     """Resolve a dataset name or file: recipe path > $QUANTKIT_DATA/<local> > the hub."""
+    return _load_texts(dataset, split, path, text_field, os.environ.get("QUANTKIT_DATA"))
+
+
+@lru_cache(maxsize=8)  # keyed on $QUANTKIT_DATA too: one process may read two data folders (tests, a library user)
+def _load_texts(dataset: str, split: str, path: str | None, text_field: str, data_root: str | None) -> TextSource:
     if path or is_dataset_file(dataset):
         p = Path(path or dataset)
         if not p.is_file():
@@ -121,7 +127,6 @@ def load_texts(dataset: str, split: str, path: str | None = None, text_field: st
     if split not in d["splits"]:
         raise UserError(f"dataset {dataset!r} has no split {split!r}; splits: {', '.join(d['splits'])}")
     spec, field = d["splits"][split], d.get("text_field", text_field)
-    data_root = os.environ.get("QUANTKIT_DATA")
     if data_root and (Path(data_root) / spec["local"]).exists():
         p = Path(data_root) / spec["local"]
         return TextSource(dataset, split, str(p), cached_sha256(p), tuple(_read_file(p, field)))
@@ -134,10 +139,21 @@ def load_texts(dataset: str, split: str, path: str | None = None, text_field: st
     return TextSource(dataset, split, f"hf://{spec['hub']['repo']}", digest, tuple(docs))
 
 
+load_texts.cache_clear = _load_texts.cache_clear  # type: ignore[attr-defined]
+
+
+def gptq_encoder(tokenizer) -> Callable[[str], list[int]]:
+    """How GPTQ's datautils tokenizes (`tokenizer(text)`): with the tokenizer's default special tokens, so a
+    Llama-family document starts with BOS. Calibration and every perplexity protocol encode through this."""
+    return lambda text: tokenizer(text)["input_ids"]
+
+
 def sample_windows(docs: tuple[str, ...], encode: Callable[[str], list[int]], n: int, seq_len: int,
                    seed: int) -> list[list[int]]:
     """GPTQ's sampler (datautils.get_c4): pick a random document longer than seq_len tokens, then a random
-    window in it; repeat n times. Same seed, same windows; the RNG sequence matches the reference code."""
+    window in it; repeat n times. Same seed, same windows; the RNG sequence matches the reference code. One
+    deliberate difference: a document of exactly seq_len tokens is passed over here, where the reference
+    accepts it and then fails (`randint(0, -1)`); every draw the reference completes is the same."""
     rng = random.Random(seed)
     cache: dict[int, list[int]] = {}
     tried: set[int] = set()
@@ -183,8 +199,8 @@ def build_calibration(source: TextSource, tokenizer, tokenizer_fp: str, num_samp
     path = cache_dir("calibration") / f"{fp}.safetensors"
     if path.exists():
         return CalibrationSet(load_file(path)["input_ids"], fp, meta)
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    ids = torch.tensor(sample_windows(source.docs, encode, num_samples, seq_len, seed), dtype=torch.long)
+    windows = sample_windows(source.docs, gptq_encoder(tokenizer), num_samples, seq_len, seed)
+    ids = torch.tensor(windows, dtype=torch.long)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     save_file({"input_ids": ids}, tmp)
     tmp.replace(path)  # atomic: a killed run never leaves a truncated cache entry

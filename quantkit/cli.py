@@ -76,14 +76,17 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
           report_dir: Optional[Path] = typer.Option(None, help="where report.md/json go "
                                                     "(default ./reports/<recipe name>)")) -> None:
     """Build every target of RECIPE (skipping artifacts already in the store), evaluate, publish, report."""
-    from quantkit.build import gate_failures, run_build
+    from quantkit.build import run_build
+    from quantkit.progress import BuildProgress
     from quantkit.recipe.loader import load_recipe
-    from quantkit import report
+    from quantkit import gates, report
 
     loaded = load_recipe(recipe)
     with _stdout_to_stderr():
-        result = run_build(loaded, only_target=target, store=store, console=err, executor=executor)
-    rows = report.rows(result.manifests)
+        result = run_build(loaded, only_target=target, store=store, console=err, executor=executor,
+                           progress=BuildProgress(err))
+    verdicts = gates.verdicts(loaded.recipe.gates, loaded.targets, result.manifests)  # the recipe's gates now
+    rows = gates.apply(report.rows(result.manifests), verdicts)
     title = f"{loaded.recipe.name}: {len(result.built)} built, {len(result.cached)} from store"
     paths = report.write_reports(rows, report_dir or Path("reports") / loaded.recipe.name, loaded.recipe.name)
     if as_json:
@@ -92,11 +95,11 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
     else:
         report.print_table(rows, out, title)
         err.print(f"reports: {', '.join(str(p) for p in paths)}")
-    failures = gate_failures(loaded, result.manifests)
+    failures = gates.failures(verdicts, result.manifests)
     if failures:
         for f in failures:
             print(f"gate failed: {f}", file=sys.stderr)
-        raise GateFailed(f"{len(failures)} artifact(s) failed the recipe's gates (published, marked gate: failed)")
+        raise GateFailed(f"{len(failures)} artifact(s) failed the recipe's gates (published anyway)")
 
 
 @recipe_app.command("validate")
@@ -135,13 +138,17 @@ def model_import_gguf(file: Path, out_dir: Path) -> None:
 def report_cmd(store: Optional[str] = StoreOpt,
                recipe: Optional[str] = typer.Option(None, help="only artifacts of this recipe name"),
                model: Optional[str] = typer.Option(None, help="only artifacts whose source uri contains this"),
-               fmt: str = typer.Option("md", "--format", help="md | csv | json | html")) -> None:
+               fmt: str = typer.Option("md", "--format", help="md | csv | json | html"),
+               recipe_file: Optional[Path] = typer.Option(None, "--recipe-file", help="judge the rows by this "
+                                                          "recipe's current gates (only its artifacts)")) -> None:
     """Render the comparison table over the store's contents."""
-    from quantkit import report
+    from quantkit import gates, report
 
     manifests = [m for m in _open_store(store).list() if recipe in (None, m["recipe"]["name"])
                  and (model is None or model in m["source"]["uri"])]
     rs = report.rows(manifests)
+    if recipe_file:
+        gates.apply(rs, gates.from_recipe_file(recipe_file, manifests))
     if fmt not in report.RENDERERS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(report.RENDERERS)}")
     print(report.RENDERERS[fmt](rs), end="")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quantkit.calibration import CalibrationSet, build_calibration, calibration_fingerprint, load_texts
-from quantkit.recipe.loader import LoadedRecipe
-from quantkit.sources.resolve import ModelSource
+
+if TYPE_CHECKING:  # annotations only: what a format's code identity covers follows real imports
+    from quantkit.recipe.loader import LoadedRecipe
+    from quantkit.sources.resolve import ModelSource
 
 
 class BuildContext:
@@ -29,6 +32,13 @@ class BuildContext:
         return AutoTokenizer.from_pretrained(self.source.path,
                                              trust_remote_code=self.recipe.model.trust_remote_code)
 
+    @property
+    def load_kwargs(self) -> dict:
+        """The recipe's trust_remote_code / allow_pickle, as every from_pretrained of the source takes them."""
+        from quantkit.sources.remote_code import hf_kwargs
+
+        return hf_kwargs(self.recipe.model.trust_remote_code, self.recipe.model.allow_pickle)
+
     @cached_property
     def torch_dtype(self):
         import torch
@@ -39,13 +49,18 @@ class BuildContext:
         return getattr(torch, name)
 
     @cached_property
+    def device_class(self) -> str:
+        """Where formats compute (cuda when this host has a GPU): with the resolved dtype, it keys artifacts."""
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @cached_property
     def base_model(self):
         """Loaded once; formats that change weights in place must take `fresh_model()` instead."""
         from transformers import AutoModelForCausalLM
 
-        m = AutoModelForCausalLM.from_pretrained(
-            self.source.path, dtype=self.torch_dtype, trust_remote_code=self.recipe.model.trust_remote_code,
-            use_safetensors=not self.recipe.model.allow_pickle)
+        m = AutoModelForCausalLM.from_pretrained(self.source.path, dtype=self.torch_dtype, **self.load_kwargs)
         m.eval()
         return m
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from quantkit.formats._storage_dtype import storage_dtype, write_unquantized_in
+
 LIBRARIES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
 
 
@@ -26,4 +28,5 @@ def run_oneshot(ctx, modifiers: list, out_dir: Path, *, calibrate: bool) -> dict
     model.save_pretrained(out_dir, save_compressed=True)
     ctx.tokenizer.save_pretrained(out_dir)
     del model
+    write_unquantized_in(out_dir, storage_dtype(ctx))  # embeddings, norms, lm_head: the source's dtype
     return json.loads((out_dir / "config.json").read_text()).get("quantization_config", {})

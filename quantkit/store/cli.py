@@ -39,18 +39,31 @@ def store_list(store: Optional[str] = StoreOpt, as_json: bool = typer.Option(Fal
                model: Optional[str] = typer.Option(None, help="only artifacts whose source uri contains this"),
                fmt: Optional[str] = typer.Option(None, "--format", help="only this format (fp8, gguf, ...)"),
                recipe: Optional[str] = typer.Option(None, help="only artifacts of this recipe name"),
-               gate: Optional[GateStatus] = typer.Option(None, help="only artifacts whose gate passed/failed")) -> None:
+               gate: Optional[GateStatus] = typer.Option(None, help="only artifacts whose gate passed/failed under "
+                                                         "--recipe-file's current gates"),
+               recipe_file: Optional[Path] = typer.Option(None, "--recipe-file", help="judge artifacts by this "
+                                                          "recipe's current gates (the gate column, --gate)")) -> None:
     """List the artifacts in the store."""
     from rich.table import Table
 
+    from quantkit.errors import UserError
     from quantkit.store.maintain import matches
 
+    if gate and not recipe_file:
+        raise UserError("--gate needs --recipe-file RECIPE: verdicts are computed from a recipe's current gates, "
+                        "not stored", fix=f"quantkit store list --gate {gate.value} --recipe-file recipes/NAME.yaml")
     s = open_store(store)
-    manifests = [m for m in s.list()
-                 if matches(m, model=model, fmt=fmt, recipe=recipe, gate=gate.value if gate else None)]
+    manifests = [m for m in s.list() if matches(m, model=model, fmt=fmt, recipe=recipe)]
+    verdict = {}
+    if recipe_file:
+        from quantkit.gates import from_recipe_file
+
+        verdict = {i: v["status"] for i, v in from_recipe_file(recipe_file, manifests).items()}
+    if gate:
+        manifests = [m for m in manifests if verdict.get(m["id"]) == gate.value]
     if as_json:
         print(json.dumps([{**{k: m[k] for k in ("id", "recipe", "target", "engine", "total_size", "created_at")},
-                           "model": m.get("source", {}).get("uri"), "gate": (m.get("gate") or {}).get("status")}
+                           "model": m.get("source", {}).get("uri"), "gate": verdict.get(m["id"])}
                           for m in manifests], indent=2))
         return
     t = Table(title=f"{s.uri}: {len(manifests)} artifacts")
@@ -58,7 +71,7 @@ def store_list(store: Optional[str] = StoreOpt, as_json: bool = typer.Option(Fal
         t.add_column(c)
     for m in manifests:
         t.add_row(m["id"], m["recipe"]["name"], m["target"]["format"], m["target"]["scheme"],
-                  f"{m['total_size'] / 1e6:.1f}", (m.get("gate") or {}).get("status") or "-", m["created_at"])
+                  f"{m['total_size'] / 1e6:.1f}", verdict.get(m["id"]) or "-", m["created_at"])
     out.print(t)
 
 

@@ -26,13 +26,12 @@ def parse_age(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2) or "s"]
 
 
-def matches(m: dict, *, model: str | None = None, fmt: str | None = None, recipe: str | None = None,
-            gate: str | None = None) -> bool:
-    """Listing filters: model is a substring of the source uri; gate is the published gate status."""
+def matches(m: dict, *, model: str | None = None, fmt: str | None = None, recipe: str | None = None) -> bool:
+    """Listing filters: model is a substring of the source uri. (Gate verdicts are not in manifests: the CLI
+    computes them from a recipe's current gates, quantkit.gates.)"""
     return ((model is None or model in m.get("source", {}).get("uri", ""))
             and (fmt is None or m["target"]["format"] == fmt)
-            and (recipe is None or m["recipe"]["name"] == recipe)
-            and (gate is None or (m.get("gate") or {}).get("status") == gate))
+            and (recipe is None or m["recipe"]["name"] == recipe))
 
 
 # -- push ----------------------------------------------------------------------------------------------------

@@ -104,7 +104,8 @@ def _stage(result: BuildResult, name: str):
 
 
 def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, store: str | None = None,
-              console: Console | None = None, executor: str | None = None) -> BuildResult:
+              console: Console | None = None, executor: str | None = None, progress=None) -> BuildResult:
+    """`progress` (quantkit.progress.BuildProgress or alike) hears `planned` once and `finished` per artifact."""
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
     result = BuildResult(manifests=[])
@@ -118,6 +119,8 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
         wants = wanted(ctx)
     try:
         todo = [p for p in plans if not st.has(p.artifact_id)]
+        if progress:
+            progress.planned(ctx, plans, {p.artifact_id for p in plans} - {p.artifact_id for p in todo})
         if runner.in_process and any(p.fmt.name != BASELINE for p in todo):
             with _stage(result, "load model (once)"):
                 ctx.base_model  # noqa: B018 - loaded here so its cost is not charged to the first target
@@ -141,16 +144,19 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
                     manifest = st.get(plan.artifact_id)
                 result.cached.append(plan.artifact_id)
                 result.manifests.append(manifest)
+                progress and progress.finished(manifest)
                 continue
             if plan.fmt.name != BASELINE:  # targets go to the executor; the baseline first, here
                 queued.append(plan)
                 continue
             result.manifests.append(_build_one(ctx, st, plan, wants, console, result))
             result.built.append(plan.artifact_id)
+            progress and progress.finished(result.manifests[-1])
         for plan, manifest, stages in runner.run(ctx, st, queued, wants, console, result.manifests):
             result.manifests.append(manifest)
             result.built.append(plan.artifact_id)
             result.stages += stages
+            progress and progress.finished(manifest)
         # executors may finish in any order, and a Ray worker may re-key its plan (another dtype or device)
         order = {p.opts.name: i for i, p in enumerate(plans)}
         result.manifests.sort(key=lambda m: order[m["target"]["name"]])

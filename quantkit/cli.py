@@ -77,12 +77,14 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
                                                     "(default ./reports/<recipe name>)")) -> None:
     """Build every target of RECIPE (skipping artifacts already in the store), evaluate, publish, report."""
     from quantkit.build import run_build
+    from quantkit.progress import BuildProgress
     from quantkit.recipe.loader import load_recipe
     from quantkit import gates, report
 
     loaded = load_recipe(recipe)
     with _stdout_to_stderr():
-        result = run_build(loaded, only_target=target, store=store, console=err, executor=executor)
+        result = run_build(loaded, only_target=target, store=store, console=err, executor=executor,
+                           progress=BuildProgress(err))
     verdicts = gates.verdicts(loaded.recipe.gates, loaded.targets, result.manifests)  # the recipe's gates now
     rows = gates.apply(report.rows(result.manifests), verdicts)
     title = f"{loaded.recipe.name}: {len(result.built)} built, {len(result.cached)} from store"

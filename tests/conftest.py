@@ -24,6 +24,16 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
                           cwd=cwd or ROOT, env={**os.environ, **(env or {})})
 
 
+def pytest_collection_modifyitems(config, items):
+    """The marker rule (README, "Tests"): `slow` = needs the real model or a heavy quantization run; `make check`
+    (-m "not slow") must stay under 3 minutes on 2 cores. A test whose fixtures reach `smollm2` (directly or
+    through another fixture) is marked here, so it cannot be forgotten; mark other heavy tests (a real
+    calibration over more than a tiny model, anything over ~20 s on 2 cores) with @pytest.mark.slow by hand."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     if not (SMOLLM2 / "config.json").exists():

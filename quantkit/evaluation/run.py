@@ -12,6 +12,7 @@ from pathlib import Path
 
 from quantkit.evaluation.engines import get_engine, speed_engine
 from quantkit.evaluation.perplexity import make_windows, perplexity, window_key
+from quantkit.sources.remote_code import refuse_remote_code
 from quantkit.evaluation.roofline import decode_bound, memory_bandwidth, weight_bytes
 from quantkit.util import library_versions, sha256_json
 
@@ -87,7 +88,7 @@ def evaluate(ctx, engine_name: str, path: Path, entry: str, wants: list[Want], c
         return []
     records = []
     ppl = [w for w in wants if w.kind == "perplexity"]
-    handle = engine.load(path, entry, dtype=ctx.recipe.model.dtype) if ppl else None
+    handle = _load(ctx, engine, path, entry) if ppl else None
     for w in ppl:
         p = ctx.recipe.eval.perplexity
         windows = make_windows(w.name, ctx.tokenizer, ctx.tokenizer_fingerprint, p.seq_len, p.max_windows)
@@ -115,6 +116,13 @@ def evaluate(ctx, engine_name: str, path: Path, entry: str, wants: list[Want], c
     return records
 
 
+def _load(ctx, engine, path: Path, entry: str):
+    """The recipe's remote-code switch holds in every engine: passed on, and enforced around the load."""
+    allowed = ctx.recipe.model.trust_remote_code
+    with refuse_remote_code(allowed):
+        return engine.load(path, entry, dtype=ctx.recipe.model.dtype, trust_remote_code=allowed)
+
+
 def _throughput(ctx, engine_name: str, path: Path, entry: str, console) -> dict:
     """Time the artifact in its speed engine; an artifact that engine has no kernel for (it raises
     `NotServed`) is timed by its own engine, and the record says why."""
@@ -122,12 +130,12 @@ def _throughput(ctx, engine_name: str, path: Path, entry: str, console) -> dict:
 
     speed = speed_engine(engine_name)
     try:
-        handle = speed.load(path, entry, dtype=ctx.recipe.model.dtype)
+        handle = _load(ctx, speed, path, entry)
     except NotServed as e:
         own = get_engine(engine_name)
         if speed is own or not hasattr(own, "throughput"):
             raise
         console.print(f"  throughput: {speed.name} cannot serve it ({e}); timed by {engine_name}")
-        handle, speed = own.load(path, entry, dtype=ctx.recipe.model.dtype), own
+        handle, speed = _load(ctx, own, path, entry), own
         return {**speed.throughput(handle, ctx.recipe.eval.throughput), "fallback_reason": str(e)}
     return speed.throughput(handle, ctx.recipe.eval.throughput)

@@ -58,6 +58,10 @@ class AWQ(Format):
     name = "awq"
     Options = AWQOptions
     libraries = LIBRARIES
+    cost = (5.0, 225.0, 0.0)  # at n_grid 10: each grid point re-runs the cached calibration activations
+
+    def estimate_s(self, opts: AWQOptions, **sizes) -> float:
+        return super().estimate_s(opts, **sizes) * opts.n_grid / 10
 
     def needs_calibration(self, opts: AWQOptions) -> bool:
         return True

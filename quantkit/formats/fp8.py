@@ -31,6 +31,7 @@ class FP8(Format):
     name = "fp8"
     Options = FP8Options
     libraries = LIBRARIES
+    cost = (2.0, 30.0, 0.0)  # static: one calibration pass for activation scales
 
     def needs_calibration(self, opts: FP8Options) -> bool:
         return opts.scheme == "static"

@@ -66,6 +66,7 @@ class GPTQ(Format):
     name = "gptq"
     Options = GPTQOptions
     libraries = LIBRARIES
+    cost = (5.0, 55.0, 0.0)
 
     def needs_calibration(self, opts: GPTQOptions) -> bool:
         return opts.algorithm == "gptq"

@@ -57,6 +57,7 @@ class INT8(Format):
     name = "int8"
     Options = INT8Options
     libraries = LIBRARIES
+    cost = (5.0, 75.0, 0.0)  # SmoothQuant + GPTQ Hessians over the calibration set
 
     def needs_calibration(self, opts: INT8Options) -> bool:
         return opts.smoothing_strength is not None or opts.algorithm == "gptq"

@@ -67,8 +67,10 @@ class TorchCompiledEngine:
 
         return torch.cuda.is_available()
 
-    def load(self, path: Path, entry: str = ".", dtype: str = "auto", batch_size: int = 1,
-             kernels: dict | None = None, compile: bool | None = None) -> Handle:
+    def load(self, path: Path, entry: str = ".", dtype: str = "auto", trust_remote_code: bool = False,
+             batch_size: int = 1, kernels: dict | None = None, compile: bool | None = None) -> Handle:
+        """Own model definition only: `trust_remote_code` is accepted (the registry's signature) and never
+        needed; an architecture it does not define raises NotServed."""
         import torch
         from transformers import AutoConfig
 

@@ -71,6 +71,8 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
           executor: str = typer.Option("inprocess", "--executor", help="where targets run: inprocess, or "
                                        "ray[:ADDRESS] (one Ray task per target)"),
           as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+          no_sanity_check: bool = typer.Option(False, "--no-sanity-check", help="skip the check that the "
+                                               "baseline is a working model (recorded in every manifest)"),
           store: Optional[str] = StoreOpt,
           report_dir: Optional[Path] = typer.Option(None, help="where report.md/json go "
                                                     "(default ./reports/<recipe name>)")) -> None:
@@ -81,7 +83,8 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
 
     loaded = load_recipe(recipe)
     with _stdout_to_stderr():
-        result = run_build(loaded, only_target=target, store=store, console=err, executor=executor)
+        result = run_build(loaded, only_target=target, store=store, console=err, executor=executor,
+                           no_sanity_check=no_sanity_check)
     rows = report.rows(result.manifests)
     title = f"{loaded.recipe.name}: {len(result.built)} built, {len(result.cached)} from store"
     paths = report.write_reports(rows, report_dir or Path("reports") / loaded.recipe.name, loaded.recipe.name)
@@ -103,7 +106,13 @@ def recipe_validate(file: Path) -> None:
     """Check FILE against the schema and every target's format options."""
     from quantkit.recipe.loader import load_recipe
 
+    from quantkit.architectures import local_config, target_problems
+
     loaded = load_recipe(file)
+    problems = target_problems(local_config(loaded.recipe.model.source, loaded.path.parent), loaded.targets)
+    if problems:
+        raise UserError(f"{file}: " + problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
+                        fix="drop the target, or use a format that supports this architecture")
     print(f"{file}: ok ({loaded.recipe.name}, {len(loaded.targets)} targets)")
 
 
@@ -122,8 +131,12 @@ def model_import_gguf(file: Path, out_dir: Path) -> None:
     """Import a GGUF file into a dense HF checkpoint (safetensors) at OUT_DIR."""
     from quantkit.sources.gguf_import import import_gguf
 
-    path = import_gguf(file, out_dir)
-    print(f"imported {file} -> {path}")
+    with _stdout_to_stderr():
+        path = import_gguf(file, out_dir)
+    a = json.loads((path / "quantkit-import.json").read_text())["agreement"]
+    print(f"imported {file} -> {path} (verified: wikitext2 ppl {a['transformers_ppl']:.3f} in transformers vs "
+          f"{a['llama_cpp_ppl']:.3f} in llama.cpp on the same {a['windows']}x{a['seq_len']} tokens, "
+          f"{a['relative_difference']:+.3%})")
 
 
 @app.command("report")

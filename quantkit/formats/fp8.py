@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from quantkit.formats._llmcompressor import LIBRARIES, run_oneshot
+from quantkit.formats._llmcompressor import LIBRARIES, ignore_for, run_oneshot
 from quantkit.formats.base import Format, Produced, TargetOptions, register
 
 SCHEMES = {"dynamic": "FP8_DYNAMIC", "static": "FP8"}
@@ -22,7 +22,7 @@ class FP8Options(TargetOptions):
     format: Literal["fp8"] = "fp8"
     scheme: Literal["dynamic", "static"] = "dynamic"
     targets: list[str] = Field(default_factory=lambda: ["Linear"])
-    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    ignore: list[str] | None = None  # None: the architecture's defaults (quantkit/architectures.py)
 
 
 @register
@@ -43,7 +43,8 @@ class FP8(Format):
     def produce(self, ctx, opts: FP8Options, out_dir: Path) -> Produced:
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
-        modifier = QuantizationModifier(targets=opts.targets, scheme=SCHEMES[opts.scheme], ignore=opts.ignore)
-        qcfg = run_oneshot(ctx, [modifier], out_dir, calibrate=self.needs_calibration(opts))
-        return Produced(info={"algorithm": "rtn", "scheme": SCHEMES[opts.scheme], "ignore": opts.ignore,
-                              "container": "compressed-tensors", "quantization_config": qcfg})
+        ignore = ignore_for(ctx, opts.ignore)
+        modifier = QuantizationModifier(targets=opts.targets, scheme=SCHEMES[opts.scheme], ignore=ignore)
+        qcfg, extra = run_oneshot(ctx, [modifier], out_dir, calibrate=self.needs_calibration(opts))
+        return Produced(info={"algorithm": "rtn", "scheme": SCHEMES[opts.scheme], "ignore": ignore,
+                              "container": "compressed-tensors", "quantization_config": qcfg, **extra})

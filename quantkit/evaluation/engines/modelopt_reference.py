@@ -153,6 +153,12 @@ def build_reference_model(path: Path, dtype):
         no_init_weights = contextlib.nullcontext
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if any(".experts.0." in k for k in dense):
+        # ModelOpt exports one Linear per expert (experts.{i}.gate_proj ...), where transformers keeps them fused:
+        # llm-compressor's linearized experts hold exactly those names, and the input hooks below need modules
+        from llmcompressor.modeling.moe.linearize import linearize_moe
+
+        linearize_moe(model)
     missing, unexpected = model.load_state_dict(dense, strict=False)
     tied = {k for k in missing if k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:

@@ -40,6 +40,9 @@ class Architecture:
     norm_offset: float = 0.0
     gguf_arch: str | None = None
     unsupported: dict[str, str] = field(default_factory=dict)
+    # checkpoint names some exporters still write (ModelOpt: Mixtral's original layout) -> transformers' names
+    # with linearized experts; (regex, replacement) pairs
+    legacy_names: tuple[tuple[str, str], ...] = ()
 
 
 MOE_IGNORE = (LM_HEAD, ROUTERS, OLD_ROUTERS, SHARED_EXPERT_GATE)
@@ -66,6 +69,10 @@ TABLE: tuple[Architecture, ...] = (
     Architecture("Qwen3-MoE", ("qwen3_moe",), ignore=MOE_IGNORE, moe=True, gguf_arch="qwen3moe",
                  unsupported=MOE_UNSUPPORTED),
     Architecture("Mixtral", ("mixtral",), ignore=MOE_IGNORE, moe=True, gguf_arch="llama",
+                 legacy_names=((r"\.block_sparse_moe\.experts\.(\d+)\.w1\.", r".mlp.experts.\1.gate_proj."),
+                               (r"\.block_sparse_moe\.experts\.(\d+)\.w3\.", r".mlp.experts.\1.up_proj."),
+                               (r"\.block_sparse_moe\.experts\.(\d+)\.w2\.", r".mlp.experts.\1.down_proj."),
+                               (r"\.block_sparse_moe\.gate\.", ".mlp.gate.")),
                  # transformers' GGUF loader maps llama.cpp's `llama` arch to a dense Llama: experts dropped
                  unsupported={**MOE_UNSUPPORTED,
                               "import-gguf": "transformers' GGUF loader reads a Mixtral GGUF (arch `llama` with "
@@ -101,6 +108,12 @@ def for_model(model) -> Architecture:
 def tied(config) -> bool:
     get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
     return bool(get("tie_word_embeddings", for_config(config).tied_embeddings))
+
+
+def rename_legacy(name: str, arch: Architecture) -> str:
+    for pattern, repl in arch.legacy_names:
+        name = re.sub(pattern, repl, name)
+    return name
 
 
 def resolve_ignore(explicit: list[str] | None, arch: Architecture) -> list[str]:

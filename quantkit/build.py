@@ -1,8 +1,10 @@
 """The build orchestrator: recipe -> source -> (calibration) -> each format -> evaluation -> store -> rows.
 
-It knows formats only through the registry. An artifact is keyed by everything that decides its bytes
-(format options, source and calibration fingerprints, library versions); an artifact already in the store is
-not rebuilt, and a measurement already stored under the same protocol key is not repeated.
+It knows formats only through the registry. An artifact is keyed by everything that decides its bytes, all of
+it content and settings (format options, source and calibration fingerprints, the resolved dtype and device
+class, library versions, the code identity of the format's modules), never where files sit or which host ran;
+an artifact already in the store is not rebuilt, and a measurement already stored under the same protocol key
+is not repeated. Gate verdicts are not stored: they are computed from the current recipe (quantkit.gates).
 """
 from __future__ import annotations
 
@@ -17,17 +19,19 @@ from pathlib import Path
 
 from rich.console import Console
 
-from quantkit import gates, report
+from quantkit import gates
+from quantkit.code_identity import code_identity
 from quantkit.context import BuildContext
 from quantkit.errors import UserError
 from quantkit.executors import get_executor
-from quantkit.evaluation.run import Want, evaluate, have_keys, measurable, merge, wanted
+from quantkit.evaluation.run import Want, evaluate, have_keys, measurable, wanted
 from quantkit.formats import Format, TargetOptions, get_format
+from quantkit.formats._storage_dtype import storage_dtype
 from quantkit.recipe.loader import LoadedRecipe
 from quantkit.sources.resolve import resolve_source
+from quantkit.store.manifest import merge
 from quantkit.store.store import Store
-from quantkit.util import StagePeak, dist_version, host_info, library_versions, peak_rss_mb, sha256_json
-import quantkit
+from quantkit.util import StagePeak, host_info, library_versions, peak_rss_mb, sha256_json
 
 BASELINE = "baseline"
 
@@ -38,7 +42,18 @@ class Plan:
     opts: TargetOptions
     key: str
     artifact_id: str
+    target: str = ""  # the recipe target it comes from (GGUF variants: `gguf` for `gguf-q4_k_m`); gates by it
+    key_inputs: dict = field(default_factory=dict)  # what `key` hashes (recorded in the manifest's `build`)
     sanity: dict | None = None  # the baseline sanity check (or why it was skipped), recorded in the manifest
+
+
+def key_inputs(ctx: BuildContext, fmt: Format, opts: TargetOptions) -> dict:
+    """Everything that decides an artifact's bytes; content and settings only (no path, host or user)."""
+    return {"format": fmt.name, "options": opts.identity(), "source": ctx.source.fingerprint,
+            "calibration": ctx.calibration_fingerprint if fmt.needs_calibration(opts) else None,
+            "dtype": str(ctx.torch_dtype).removeprefix("torch."), "device": ctx.device_class,
+            "storage_dtype": storage_dtype(ctx),
+            "versions": library_versions(tuple(fmt.libraries)), "code": code_identity(type(fmt).__module__)}
 
 
 @dataclass
@@ -80,12 +95,9 @@ def _plans(ctx: BuildContext, only: list[str] | None) -> list[Plan]:
         for v in fmt.variants(t):
             if only is not None and t.name not in only and v.name != BASELINE:
                 continue
-            versions = {lib: dist_version(lib) for lib in fmt.libraries}
-            key = sha256_json({"format": fmt.name, "options": v.identity(), "source": ctx.source.fingerprint,
-                               "calibration": ctx.calibration_fingerprint if fmt.needs_calibration(v) else None,
-                               "dtype": ctx.recipe.model.dtype, "versions": versions,
-                               "quantkit": quantkit.__version__})
-            plans.append(Plan(fmt, v, key, f"{ctx.recipe.name}.{v.name}.{key[:12]}"))
+            inputs = key_inputs(ctx, fmt, v)
+            key = sha256_json(inputs)
+            plans.append(Plan(fmt, v, key, f"{ctx.recipe.name}.{v.name}.{key[:12]}", t.name, inputs))
     return plans
 
 
@@ -100,8 +112,9 @@ def _stage(result: BuildResult, name: str):
 
 
 def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, store: str | None = None,
-              console: Console | None = None, executor: str | None = None,
+              console: Console | None = None, executor: str | None = None, progress=None,
               no_sanity_check: bool = False) -> BuildResult:
+    """`progress` (quantkit.progress.BuildProgress or alike) hears `planned` once and `finished` per artifact."""
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
     result = BuildResult(manifests=[])
@@ -115,6 +128,8 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
         wants = wanted(ctx)
     try:
         todo = [p for p in plans if not st.has(p.artifact_id)]
+        if progress:
+            progress.planned(ctx, plans, {p.artifact_id for p in plans} - {p.artifact_id for p in todo})
         if runner.in_process and any(p.fmt.name != BASELINE for p in todo):
             with _stage(result, "load model (once)"):
                 ctx.base_model  # noqa: B018 - loaded here so its cost is not charged to the first target
@@ -137,25 +152,30 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
                 if missing:
                     console.print(f"[bold]{plan.opts.name}[/]: in store, measuring "
                                   f"{', '.join(w.name for w in missing)}")
-                    path = _artifact_path(st, manifest, workdir)
-                    for m in evaluate(ctx, manifest["engine"], path, manifest["entry"], missing, console):
+                    path, entry = _artifact_path(ctx, st, manifest, workdir)
+                    for m in evaluate(ctx, manifest["engine"], path, entry, missing, console):
                         st.add_eval(plan.artifact_id, m)
                     manifest = st.get(plan.artifact_id)
                 result.cached.append(plan.artifact_id)
                 result.manifests.append(manifest)
+                progress and progress.finished(manifest)
                 continue
-            if plan.fmt.name != BASELINE:  # targets go to the executor; the baseline first, here: gates need it
+            if plan.fmt.name != BASELINE:  # targets go to the executor; the baseline first, here
                 queued.append(plan)
                 continue
             result.manifests.append(_build_one(ctx, st, plan, wants, console, result))
             result.built.append(plan.artifact_id)
+            progress and progress.finished(result.manifests[-1])
         for plan, manifest, stages in runner.run(ctx, st, queued, wants, console, result.manifests):
             result.manifests.append(manifest)
             result.built.append(plan.artifact_id)
             result.stages += stages
-        order = {p.artifact_id: i for i, p in enumerate(plans)}  # executors may finish in any order
-        result.manifests.sort(key=lambda m: order[m["id"]])
-        result.built.sort(key=order.__getitem__)
+            progress and progress.finished(manifest)
+        # executors may finish in any order, and a Ray worker may re-key its plan (another dtype or device)
+        order = {p.opts.name: i for i, p in enumerate(plans)}
+        result.manifests.sort(key=lambda m: order[m["target"]["name"]])
+        position = {m["id"]: order[m["target"]["name"]] for m in result.manifests}
+        result.built.sort(key=position.__getitem__)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result.stages.append({"stage": "total", "wall_s": round(time.perf_counter() - t0, 2),
@@ -177,33 +197,12 @@ def _sanity(ctx: BuildContext, flag: bool, console: Console) -> dict:
     return rec
 
 
-def _gate(ctx: BuildContext, opts: TargetOptions, manifest: dict, others: list[dict]) -> dict | None:
-    """The gate verdict for one artifact under the recipe's current limits (build-wide, then per target)."""
-    limits = gates.limits_for(ctx.recipe.gates, getattr(opts, "gates", None))
-    if limits is None:
-        return None
-    row = next(r for r in report.rows([*others, manifest]) if r["id"] == manifest["id"])
-    verdict = gates.check(row, limits)
-    return verdict and {**verdict, "limits": limits.model_dump()}
-
-
-def gate_failures(loaded: LoadedRecipe, manifests: list[dict]) -> list[str]:
-    """Re-check every artifact of this build against the recipe's current gates (cached ones included)."""
-    by_name = {t.name: t for t in loaded.targets}
-    out = []
-    for row in report.rows(manifests):
-        base_name = next((n for n in by_name if row["target"] == n or row["target"].startswith(n + "-")), None)
-        limits = gates.limits_for(loaded.recipe.gates, by_name[base_name].gates if base_name else None)
-        verdict = gates.check(row, limits)
-        if verdict and verdict["status"] == "failed":
-            out.append(gates.describe_failure(row, verdict))
-    return out
-
-
-def _artifact_path(st: Store, manifest: dict, workdir: Path) -> Path:
-    if not manifest["files"]:  # the baseline: its "entry" is the source directory itself
-        return Path(manifest["entry"])
-    return st.materialize(manifest["id"], workdir / "pulled" / manifest["id"])
+def _artifact_path(ctx: BuildContext, st: Store, manifest: dict, workdir: Path) -> tuple[Path, str]:
+    """(directory, entry) to evaluate. The baseline has no files: it is this build's source, wherever it sits
+    now (its key is the source's content fingerprint; the path in its manifest is where it sat then)."""
+    if not manifest["files"]:
+        return ctx.source.path, str(ctx.source.path)
+    return st.materialize(manifest["id"], workdir / "pulled" / manifest["id"]), manifest["entry"]
 
 
 def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], console: Console,
@@ -227,7 +226,7 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
         "host": host_info(),
         "recipe": {"name": ctx.recipe.name, "hash": ctx.loaded.hash, "path": str(ctx.loaded.path)},
         "target": {"name": opts.name, "format": fmt.name, "scheme": fmt.describe(opts),
-                   "options": opts.model_dump(mode="json")},
+                   "options": opts.model_dump(mode="json"), "recipe_target": plan.target or opts.name},
         "engine": produced.engine,
         "entry": produced.entry,
         "source": ctx.source.as_dict(),
@@ -237,14 +236,11 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
         "info": produced.info,
         "metrics": metrics,
         "build": {"produce_s": round(build_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
-                  "peak_rss_mb": round(peak_rss_mb(), 1), "argv": sys.argv},
+                  "peak_rss_mb": round(peak_rss_mb(), 1), "argv": sys.argv, "key_inputs": plan.key_inputs},
     }
     manifest["total_size"] = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
     if produced.entry == str(ctx.source.path):
         manifest["total_size"] = 0
-    verdict = _gate(ctx, opts, manifest, result.manifests)
-    if verdict:
-        manifest["gate"] = verdict
     with _stage(result, f"{opts.name}: publish"):
         published = st.publish(staging if produced.entry != str(ctx.source.path) else None, manifest)
     shutil.rmtree(staging, ignore_errors=True)

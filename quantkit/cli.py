@@ -3,6 +3,7 @@ Bad input: one line on stderr and exit code 2 (a traceback only with --debug).""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ import typer
 from rich.console import Console
 
 import quantkit
-from quantkit.errors import GateFailed, UserError
+from quantkit.errors import GateFailed, UserError, one_line
 
 app = typer.Typer(help="Recipe-driven quantization: build, evaluate and store model artifacts.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -58,10 +59,10 @@ def _stdout_to_stderr():
         os.close(saved)
 
 
-def _open_store(uri: Optional[str]):
+def _open_store(uri: Optional[str], must_exist: bool = True):
     from quantkit.store.cli import open_store
 
-    return open_store(uri)
+    return open_store(uri, must_exist)
 
 
 @app.command()
@@ -77,15 +78,17 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
           report_dir: Optional[Path] = typer.Option(None, help="where report.md/json go "
                                                     "(default ./reports/<recipe name>)")) -> None:
     """Build every target of RECIPE (skipping artifacts already in the store), evaluate, publish, report."""
-    from quantkit.build import gate_failures, run_build
+    from quantkit.build import run_build
+    from quantkit.progress import BuildProgress
     from quantkit.recipe.loader import load_recipe
-    from quantkit import report
+    from quantkit import gates, report
 
     loaded = load_recipe(recipe)
     with _stdout_to_stderr():
         result = run_build(loaded, only_target=target, store=store, console=err, executor=executor,
-                           no_sanity_check=no_sanity_check)
-    rows = report.rows(result.manifests)
+                           progress=BuildProgress(err), no_sanity_check=no_sanity_check)
+    verdicts = gates.verdicts(loaded.recipe.gates, loaded.targets, result.manifests)  # the recipe's gates now
+    rows = gates.apply(report.rows(result.manifests), verdicts)
     title = f"{loaded.recipe.name}: {len(result.built)} built, {len(result.cached)} from store"
     paths = report.write_reports(rows, report_dir or Path("reports") / loaded.recipe.name, loaded.recipe.name)
     if as_json:
@@ -94,11 +97,11 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
     else:
         report.print_table(rows, out, title)
         err.print(f"reports: {', '.join(str(p) for p in paths)}")
-    failures = gate_failures(loaded, result.manifests)
+    failures = gates.failures(verdicts, result.manifests)
     if failures:
         for f in failures:
             print(f"gate failed: {f}", file=sys.stderr)
-        raise GateFailed(f"{len(failures)} artifact(s) failed the recipe's gates (published, marked gate: failed)")
+        raise GateFailed(f"{len(failures)} artifact(s) failed the recipe's gates (published anyway)")
 
 
 @recipe_app.command("validate")
@@ -107,8 +110,11 @@ def recipe_validate(file: Path) -> None:
     from quantkit.recipe.loader import load_recipe
 
     from quantkit.architectures import local_config, target_problems
+    from quantkit.formats import PLUGIN_PROBLEMS
 
     loaded = load_recipe(file)
+    for problem in PLUGIN_PROBLEMS:  # a broken plugin the recipe does not use: say so, once, and go on
+        print(one_line(f"warning: {problem}"), file=sys.stderr)
     problems = target_problems(local_config(loaded.recipe.model.source, loaded.path.parent), loaded.targets)
     if problems:
         raise UserError(f"{file}: " + problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
@@ -143,13 +149,17 @@ def model_import_gguf(file: Path, out_dir: Path) -> None:
 def report_cmd(store: Optional[str] = StoreOpt,
                recipe: Optional[str] = typer.Option(None, help="only artifacts of this recipe name"),
                model: Optional[str] = typer.Option(None, help="only artifacts whose source uri contains this"),
-               fmt: str = typer.Option("md", "--format", help="md | csv | json | html")) -> None:
+               fmt: str = typer.Option("md", "--format", help="md | csv | json | html"),
+               recipe_file: Optional[Path] = typer.Option(None, "--recipe-file", help="judge the rows by this "
+                                                          "recipe's current gates (only its artifacts)")) -> None:
     """Render the comparison table over the store's contents."""
-    from quantkit import report
+    from quantkit import gates, report
 
     manifests = [m for m in _open_store(store).list() if recipe in (None, m["recipe"]["name"])
                  and (model is None or model in m["source"]["uri"])]
     rs = report.rows(manifests)
+    if recipe_file:
+        gates.apply(rs, gates.from_recipe_file(recipe_file, manifests))
     if fmt not in report.RENDERERS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(report.RENDERERS)}")
     print(report.RENDERERS[fmt](rs), end="")
@@ -158,11 +168,11 @@ def report_cmd(store: Optional[str] = StoreOpt,
 @app.command()
 def plan(recipe_or_model: str = typer.Argument(..., help="a recipe YAML, a model dir / config.json, or a hub id"),
          gpu: str = typer.Option("H100-80GB", help="GPU name from quantkit/data/gpus.yaml"),
-         gpus: int = typer.Option(1, help="number of GPUs (tensor parallel)"),
-         batch: int = typer.Option(32, help="concurrent sequences"),
-         context: int = typer.Option(4096, help="tokens per sequence (prompt + generation)"),
+         gpus: int = typer.Option(1, min=1, max=4096, help="number of GPUs (tensor parallel)"),
+         batch: int = typer.Option(32, min=1, max=1 << 20, help="concurrent sequences"),
+         context: int = typer.Option(4096, min=1, max=1 << 24, help="tokens per sequence (prompt + generation)"),
          kv_dtype: str = typer.Option("bf16", help="KV cache dtype: bf16 | fp16 | fp8"),
-         reserve_pct: float = typer.Option(10.0, help="% of GPU memory reserved for activations/runtime"),
+         reserve_pct: float = typer.Option(10.0, min=0, max=99, help="% of GPU memory reserved for activations/runtime"),
          store: Optional[str] = StoreOpt, as_json: bool = typer.Option(False, "--json")) -> None:
     """Which artifact fits which GPU: weights + KV cache + reserve, and the largest batch that fits."""
     from rich.table import Table
@@ -183,7 +193,7 @@ def plan(recipe_or_model: str = typer.Argument(..., help="a recipe YAML, a model
         ref = str(local) if local.exists() else (f"{src}@{loaded.recipe.model.revision}"
                                                  if loaded.recipe.model.revision else src)
         shape = planner.shape_from_config(planner.load_config(ref))
-        built = {m["target"]["name"]: m for m in _open_store(store or loaded.recipe.store.uri).list()
+        built = {m["target"]["name"]: m for m in _open_store(store or loaded.recipe.store.uri, must_exist=False).list()
                  if m["recipe"]["name"] == loaded.recipe.name}
         candidates.append(planner.nominal_candidate("baseline (16-bit)", shape, None))
         for t in loaded.targets:
@@ -226,18 +236,60 @@ def plan(recipe_or_model: str = typer.Argument(..., help="a recipe YAML, a model
     out.print(t)
 
 
-def main() -> None:
-    debug = "--debug" in sys.argv
+@functools.lru_cache(maxsize=1)
+def _command():
+    """The click command tree, built once (typer rebuilds it on every `app()` call: ~40 ms)."""
+    return typer.main.get_command(app)
+
+
+def _click_exceptions() -> tuple[tuple, tuple, tuple]:
+    """(usage errors, no-args-help, aborts) of click and of the copy of click that typer >= 0.2x vendors."""
+    import click
+
+    mods = [click.exceptions]
     try:
-        app()
+        from typer._click import exceptions as vendored  # private, but it is what typer's commands raise
+
+        mods.append(vendored)
+    except ImportError:
+        pass
+    return (tuple(m.ClickException for m in mods), tuple(m.NoArgsIsHelpError for m in mods),
+            tuple(getattr(m, "Abort", typer.Abort) for m in mods))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Every failure ends as one line on stderr: bad input (UserError, a bad CLI argument) exit 2, a failed
+    gate 3, anything unexpected 1 (`--debug` shows the traceback instead)."""
+    usage_errors, no_args_help, aborts = _click_exceptions()
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        # standalone_mode=False: click raises usage errors to us instead of printing a boxed multi-line usage
+        rc = _command().main(args=argv, prog_name="quantkit", standalone_mode=False)
+    except no_args_help as e:  # `quantkit` or `quantkit store` alone: show the help
+        print(e.ctx.get_help() if e.ctx else "quantkit --help")
+        sys.exit(2)
+    except usage_errors as e:  # usage errors: unknown command/option, bad or missing value
+        if debug:
+            raise
+        where = f"{e.ctx.command_path}: " if getattr(e, "ctx", None) else ""
+        print(one_line(f"error: {where}{e.format_message()} (see --help)"), file=sys.stderr)
+        sys.exit(2)
     except (UserError, GateFailed) as e:
         if debug:
             raise
-        print(e.one_line() if isinstance(e, UserError) else f"error: {e}", file=sys.stderr)
+        print(e.one_line() if isinstance(e, UserError) else one_line(f"error: {e}"), file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, *aborts):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # a bug, not bad input: still one line; the traceback is one flag away
+        if debug:
+            raise
+        print(one_line(f"error: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)"),
+              file=sys.stderr)
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quantkit.calibration import CalibrationSet, build_calibration, calibration_fingerprint, load_texts
-from quantkit.recipe.loader import LoadedRecipe
-from quantkit.sources.resolve import ModelSource
+
+if TYPE_CHECKING:  # annotations only: what a format's code identity covers follows real imports
+    from quantkit.recipe.loader import LoadedRecipe
+    from quantkit.sources.resolve import ModelSource
 
 
 class BuildContext:
@@ -44,6 +47,13 @@ class BuildContext:
         if name == "auto":  # CPU has no fast 16-bit matmul here; a GPU host gets bf16
             return torch.bfloat16 if torch.cuda.is_available() else torch.float32
         return getattr(torch, name)
+
+    @cached_property
+    def device_class(self) -> str:
+        """Where formats compute (cuda when this host has a GPU): with the resolved dtype, it keys artifacts."""
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     @cached_property
     def base_model(self):

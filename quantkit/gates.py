@@ -1,8 +1,17 @@
 """Quality gates: limits from the recipe (build-wide, overridable per target) checked on a report row.
-A failing artifact is still published (it is evidence) with `gate.status: failed`; the build exits 3."""
+
+Verdicts are computed from the recipe as it is now, at build and report time, and never written into the
+write-once manifest: relaxing a gate changes the verdict of artifacts already published. A target's limits
+are found by the exact recipe target an artifact came from (`target.recipe_target` in its manifest: `gguf`
+for the variant `gguf-q4_k_m`), never by name prefix. A failing artifact is still published (it is evidence);
+the build exits 3."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from quantkit.recipe.loader import load_recipe
 from quantkit.recipe.schema import GateSpec
+from quantkit.report import rows
 
 
 def limits_for(recipe_gates: GateSpec | None, target_gates: GateSpec | None) -> GateSpec | None:
@@ -37,3 +46,41 @@ def check(row: dict, limits: GateSpec | None) -> dict | None:
 def describe_failure(row: dict, verdict: dict) -> str:
     bad = [f"{c['gate']}={c['value']} (limit {c['limit']})" for c in verdict["checks"] if not c["ok"]]
     return f"{row['target']} ({row['id']}): " + ", ".join(bad)
+
+
+def recipe_target(manifest: dict) -> str:
+    """The recipe target an artifact came from; manifests from before this field name their own target."""
+    return manifest["target"].get("recipe_target") or manifest["target"]["name"]
+
+
+def verdicts(recipe_gates: GateSpec | None, targets: Iterable, manifests: list[dict]) -> dict[str, dict]:
+    """{artifact id: verdict (with its limits)} for the artifacts the gates apply to, under the given limits."""
+    by_name = {t.name: t for t in targets}
+    out = {}
+    for row, m in zip(rows(manifests), manifests):
+        target = by_name.get(recipe_target(m))
+        limits = limits_for(recipe_gates, getattr(target, "gates", None))
+        verdict = check(row, limits)
+        if verdict:
+            out[m["id"]] = {**verdict, "limits": limits.model_dump()}
+    return out
+
+
+def failures(found: dict[str, dict], manifests: list[dict]) -> list[str]:
+    """One line per failing artifact, in the manifests' order."""
+    return [describe_failure(r, found[r["id"]]) for r in rows(manifests)
+            if found.get(r["id"], {}).get("status") == "failed"]
+
+
+def apply(rows: list[dict], found: dict[str, dict]) -> list[dict]:
+    """Report rows with each artifact's current verdict in `gate` (None where no gate applies)."""
+    for r in rows:
+        r["gate"] = (found.get(r["id"]) or {}).get("status")
+    return rows
+
+
+def from_recipe_file(path, manifests: list[dict]) -> dict[str, dict]:
+    """Verdicts for the artifacts of the recipe at `path`, under its current gates (store list, report)."""
+    loaded = load_recipe(path)
+    mine = [m for m in manifests if m["recipe"]["name"] == loaded.recipe.name]
+    return verdicts(loaded.recipe.gates, loaded.targets, mine)

@@ -55,7 +55,7 @@ def rows(manifests: Iterable[dict]) -> list[dict]:
                "format": m["target"]["format"], "scheme": m["target"]["scheme"], "engine": m["engine"],
                "size_mb": round(_size(m) / 1e6, 1),
                "x_vs_16bit": round(ref16 / _size(m), 2) if ref16 and _size(m) else None, "ppl": {},
-               "gate": (m.get("gate") or {}).get("status")}
+               "gate": None}  # a recipe's current verdict, filled by gates.apply; never read from the manifest
         tp, ref = _throughput(m), _speed_reference(m, manifests)
         if tp:
             first = next(iter(tp["batches"].values()))
@@ -112,6 +112,19 @@ def _flat(rs: list[dict]) -> tuple[list[str], list[list[str]]]:
             line += [r.get("gate") or "-"]
         body.append(line)
     return header, body
+
+
+def row_line(r: dict) -> str:
+    """One row on one line: what the build prints as each artifact is done, before the whole table."""
+    parts = [f"{r['target']:<18} {r['scheme']}", f"{r['size_mb']:.1f} MB"]
+    for d, p in sorted(r["ppl"].items()):
+        parts.append(f"ppl {d} {p['ppl']:.3f}" + ("" if p["change_pct"] is None else f" ({p['change_pct']:+.2f} %)"))
+    if r.get("decode_tok_s"):
+        speedup = f", x{r['decode_speedup']:.2f}" if r.get("decode_speedup") else ""
+        parts.append(f"decode {r['decode_tok_s']:.1f} tok/s{speedup} ({r['speed_engine']})")
+    if r.get("gate"):
+        parts.append(f"gate {r['gate']}")
+    return " | ".join(parts)
 
 
 def protocol_note(rs: list[dict]) -> str:

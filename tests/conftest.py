@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ci_strict import pytest_runtest_makereport  # noqa: F401 - a hook: with CI set, missing set-up fails
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("QUANTKIT_DATA", str(ROOT.parent / "shared" / "data"))
@@ -23,6 +24,16 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
                           cwd=cwd or ROOT, env={**os.environ, **(env or {})})
 
 
+def pytest_collection_modifyitems(config, items):
+    """The marker rule (README, "Tests"): `slow` = needs the real model or a heavy quantization run; `make check`
+    (-m "not slow") must stay under 3 minutes on 2 cores. A test whose fixtures reach `smollm2` (directly or
+    through another fixture) is marked here, so it cannot be forgotten; mark other heavy tests (a real
+    calibration over more than a tiny model, anything over ~20 s on 2 cores) with @pytest.mark.slow by hand."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     if not (SMOLLM2 / "config.json").exists():
@@ -32,6 +43,33 @@ def smollm2() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on a free loopback port; AWS_* point every s3fs client (ours and subprocesses') at it."""
+    from loopback_s3 import moto_server
+
+    try:
+        with moto_server() as url:
+            yield url
+    except RuntimeError as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_uri(request, tmp_path) -> str:
+    """A store that does not exist yet: a local directory, or a bucket on the loopback S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    import uuid
+
+    request.getfixturevalue("s3_endpoint")
+    return f"s3://qk-{uuid.uuid4().hex[:12]}/team/store"
+
+
+def make_tiny_llama(out: Path) -> Path:
     """A tiny random Llama with a real byte-level BPE tokenizer trained on C4 text (fast, offline)."""
     import json
 
@@ -39,7 +77,6 @@ def tiny_llama(tmp_path_factory) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    out = tmp_path_factory.mktemp("tiny-llama")
     docs = [json.loads(line)["text"] for line in (DATA / "c4" / "c4-train-sample.jsonl").read_text().splitlines()[:200]]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -96,3 +96,19 @@ def test_resources_do_not_change_the_artifact_identity():
 def test_unknown_executor_is_one_line(tiny_llama, tmp_path):
     r = run_cli("build", str(_recipe(tmp_path, tiny_llama)), "--executor", "dask")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "ray[:ADDRESS]" in r.stderr
+
+
+def test_worker_with_other_library_versions_refuses_in_one_line(tiny_llama, tmp_path, ray_cluster):
+    """The driver plans under compressed-tensors 0.0.1 (a distribution record only it sees, first on its path);
+    the workers have the real one: each refuses to build, and nothing is published under the wrong key."""
+    info = tmp_path / "driver-site" / "compressed_tensors-0.0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: compressed-tensors\nVersion: 0.0.1\n")
+    store = tmp_path / "store"
+    env = {"PYTHONPATH": os.pathsep.join([str(info.parent), os.environ.get("PYTHONPATH", "")])}
+    r = run_cli("build", str(_recipe(tmp_path, tiny_llama)), "--store", str(store), "--executor",
+                f"ray:{ray_cluster}", "--report-dir", str(tmp_path / "r"), env=env)
+    assert r.returncode == 2, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "library versions differ from the driver's plan: compressed-tensors" in last and "(driver 0.0.1)" in last
+    assert [i.split(".")[1] for i in Store(str(store)).ids()] == ["baseline"]  # built by the driver itself

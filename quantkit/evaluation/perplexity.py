@@ -1,12 +1,14 @@
 """Perplexity protocols: which token windows are scored. Engines score them; this module fixes the windows.
 
-Pinned protocols (the GPTQ/AWQ papers' evaluation code):
-- `gptq-concat/1` (WikiText-2 and any other text): rows joined with "\\n\\n", tokenized once without special
-  tokens, cut into non-overlapping windows of seq_len; every token after the first of a window is scored.
-- `gptq-c4/1` (C4 validation): seed 0, a random document longer than seq_len, a random window in it, 256 times.
+Pinned protocols (GPTQ's datautils.py and its evaluation loop; text is tokenized as the reference does,
+`tokenizer(text)`, i.e. with the tokenizer's default special tokens: BOS first for Llama-family tokenizers):
+- `gptq-concat/2` (WikiText-2 and any other text): rows joined with "\\n\\n", tokenized once, cut into
+  non-overlapping windows of seq_len; every token after the first of a window is scored.
+- `gptq-c4/2` (C4 validation): seed 0, a random document longer than seq_len, a random window in it, 256 times.
+(/1 tokenized without special tokens; the two agree only for tokenizers that add none, e.g. SmolLM2's.)
 ppl = exp(mean NLL over all scored tokens). `max_windows` keeps the first N windows (bounds CPU cost).
 The key of a measurement covers dataset bytes, tokenizer, protocol and window count, so a stored number is
-reused only when it means the same thing.
+reused only when it means the same thing; where the data was read from is recorded, never keyed.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from quantkit.calibration import TextSource, load_texts, sample_windows
+from quantkit.calibration import TextSource, gptq_encoder, load_texts, sample_windows
 from quantkit.util import cache_dir, sha256_json
 
 C4_EVAL_WINDOWS = 256  # GPTQ's C4 evaluation uses 256 windows
@@ -29,13 +31,13 @@ class ProtocolSpec:
 
 
 PROTOCOLS = {
-    "wikitext2": ProtocolSpec("gptq-concat/1", "wikitext2", "test", sampled=False),
-    "c4": ProtocolSpec("gptq-c4/1", "c4", "validation", sampled=True),
+    "wikitext2": ProtocolSpec("gptq-concat/2", "wikitext2", "test", sampled=False),
+    "c4": ProtocolSpec("gptq-c4/2", "c4", "validation", sampled=True),
 }
 
 
 def protocol_for(dataset: str) -> ProtocolSpec:
-    return PROTOCOLS.get(dataset, ProtocolSpec("gptq-concat/1", dataset, "test", sampled=False))
+    return PROTOCOLS.get(dataset, ProtocolSpec("gptq-concat/2", dataset, "test", sampled=False))
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,11 @@ class EvalWindows:
 
 
 def _describe(spec: ProtocolSpec, text: TextSource, tokenizer_fp: str, seq_len: int, max_windows: int | None):
-    meta = {"protocol": spec.name, "dataset": spec.dataset, "split": spec.split, "origin": text.origin,
-            "dataset_sha256": text.sha256, "tokenizer": tokenizer_fp, "seq_len": seq_len,
-            "max_windows": max_windows, "special_tokens": False}
-    return sha256_json(meta), meta
+    """(key, record): the key is content and settings only; `origin` (a path or hub URL) is provenance."""
+    keyed = {"protocol": spec.name, "dataset": spec.dataset, "split": spec.split, "dataset_sha256": text.sha256,
+             "tokenizer": tokenizer_fp, "seq_len": seq_len, "max_windows": max_windows,
+             "special_tokens": "tokenizer default"}
+    return sha256_json(keyed), {**keyed, "origin": text.origin}
 
 
 def window_key(dataset: str, tokenizer_fp: str, seq_len: int, max_windows: int | None) -> str:
@@ -71,10 +74,10 @@ def make_windows(dataset: str, tokenizer, tokenizer_fp: str, seq_len: int, max_w
     else:
         if spec.sampled:
             n = min(C4_EVAL_WINDOWS, max_windows or C4_EVAL_WINDOWS)
-            encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-            ids = torch.tensor(sample_windows(text.docs, encode, n, seq_len, seed=0), dtype=torch.long)
+            ids = torch.tensor(sample_windows(text.docs, gptq_encoder(tokenizer), n, seq_len, seed=0),
+                               dtype=torch.long)
         else:
-            flat = tokenizer("\n\n".join(text.docs), add_special_tokens=False)["input_ids"]
+            flat = gptq_encoder(tokenizer)("\n\n".join(text.docs))
             n = len(flat) // seq_len
             n = min(n, max_windows) if max_windows else n
             ids = torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)

@@ -2,7 +2,8 @@
 
 A measurement is a record with `kind` (perplexity | throughput), a `key` covering everything that decides
 its meaning (protocol, dataset bytes, tokenizer, settings), and the number(s). Records live in the manifest
-(`metrics`) or, when added after publishing, as store eval records; both merge the same way.
+(`metrics`) or, when added after publishing, as store eval records; both merge the same way
+(quantkit.store.manifest.merge: the newest record of a kind wins).
 """
 from __future__ import annotations
 
@@ -46,15 +47,6 @@ def have_keys(metrics: dict) -> set[str]:
     if "throughput" in metrics:
         keys.add(metrics["throughput"].get("key"))
     return keys
-
-
-def merge(metrics: dict, records: list[dict]) -> dict:
-    for r in records:
-        if r["kind"] == "perplexity":
-            metrics.setdefault("perplexity", {})[r["dataset"]] = r
-        else:
-            metrics[r["kind"]] = r
-    return metrics
 
 
 def evaluate(ctx, engine_name: str, path: Path, entry: str, wants: list[Want], console) -> list[dict]:

@@ -43,6 +43,35 @@ def task_options(resources: dict | None) -> dict:
     return opts
 
 
+def worker_plan(ctx, plan):
+    """The plan as this worker would key it. Other library versions or other quantkit code than the driver
+    planned with: refused in one line (the artifact would be published under versions that did not make it).
+    Another dtype or device class (a CPU driver, a GPU worker): re-keyed, the artifact is what this worker
+    makes."""
+    import dataclasses
+
+    from quantkit.build import key_inputs
+    from quantkit.util import sha256_json
+
+    mine = key_inputs(ctx, plan.fmt, plan.opts)
+    theirs = plan.key_inputs
+    differ = sorted(k for k in set(mine["versions"]) | set(theirs["versions"])
+                    if mine["versions"].get(k) != theirs["versions"].get(k))
+    if differ or mine["code"] != theirs["code"]:
+        import socket
+
+        what = ("library versions differ from the driver's plan: " + ", ".join(
+            f"{k} {mine['versions'].get(k)} (driver {theirs['versions'].get(k)})" for k in differ)) if differ \
+            else "its quantkit code differs from the driver's"
+        raise UserError(f"Ray worker {socket.gethostname()}, target {plan.opts.name}: {what}; not built",
+                        fix="install the driver's versions on every node (or ship them with a runtime_env)")
+    if mine == theirs:
+        return plan
+    key = sha256_json(mine)
+    return dataclasses.replace(plan, key=key, artifact_id=plan.artifact_id.rsplit(".", 1)[0] + f".{key[:12]}",
+                               key_inputs=mine)
+
+
 def build_target(loaded, source, calibration, plan, store_uri: str, store_options: dict, wants, done):
     """Runs on a worker: one target, built, evaluated and published exactly as in-process."""
     from rich.console import Console
@@ -55,6 +84,12 @@ def build_target(loaded, source, calibration, plan, store_uri: str, store_option
     ctx = BuildContext(loaded, source, workdir)
     if calibration is not None:
         ctx.__dict__["calibration"] = calibration  # fills the cached_property: the driver's set, not a resample
+        ctx.__dict__["calibration_fingerprint"] = calibration.fingerprint
+    plan = worker_plan(ctx, plan)
+    st = Store(store_uri, store_options)
+    if st.has(plan.artifact_id):  # re-keyed to an artifact another run already made
+        shutil.rmtree(workdir, ignore_errors=True)
+        return plan, st.get(plan.artifact_id), []
     result = BuildResult(manifests=list(done))
     # Ray forwards a worker's stdout to the driver's stdout, which is reserved for the table/JSON: send the
     # libraries' chatter (llm-compressor, tqdm) to stderr, at the descriptor level as the CLI does
@@ -62,13 +97,13 @@ def build_target(loaded, source, calibration, plan, store_uri: str, store_option
     saved = os.dup(1)
     os.dup2(2, 1)
     try:
-        manifest = _build_one(ctx, Store(store_uri, store_options), plan, wants, Console(stderr=True), result)
+        manifest = _build_one(ctx, st, plan, wants, Console(stderr=True), result)
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
         shutil.rmtree(workdir, ignore_errors=True)
-    return manifest, result.stages
+    return plan, manifest, result.stages
 
 
 class RayExecutor:
@@ -115,7 +150,7 @@ class RayExecutor:
             ready, pending = ray.wait(pending, num_returns=1)
             plan = futures[ready[0]]
             try:
-                manifest, stages = ray.get(ready[0])
+                plan, manifest, stages = ray.get(ready[0])  # the worker's plan: re-keyed if it computes otherwise
             except ray.exceptions.RayTaskError as e:
                 cause = getattr(e, "cause", None)
                 errors.append(cause if isinstance(cause, (UserError, GateFailed)) else e)

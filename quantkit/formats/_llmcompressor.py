@@ -14,6 +14,7 @@ from pathlib import Path
 
 from quantkit.architectures import llmcompressor_ignore, resolve_ignore
 from quantkit.errors import UserError
+from quantkit.formats._storage_dtype import storage_dtype, write_unquantized_in
 
 LIBRARIES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
 
@@ -85,5 +86,6 @@ def run_oneshot(ctx, modifiers: list, out_dir: Path, *, calibrate: bool) -> tupl
     model.save_pretrained(out_dir, save_compressed=True)
     ctx.tokenizer.save_pretrained(out_dir)
     del model
+    write_unquantized_in(out_dir, storage_dtype(ctx))  # embeddings, norms, lm_head: the source's dtype
     qcfg = json.loads((out_dir / "config.json").read_text()).get("quantization_config", {})
     return qcfg, ({"expert_calibration": coverage} if coverage else {})

@@ -18,17 +18,18 @@ from quantkit.formats._classic import export_classic
 from quantkit.formats._groups import Indivisible, plan_groups
 from quantkit.formats._llmcompressor import LIBRARIES, ignore_for, run_oneshot
 from quantkit.formats.base import Format, Produced, TargetOptions, register
+from quantkit.recipe.schema import MAX_GROUP, Patterns
 from quantkit.formats.gptq import label, nominal_bits, weight_scheme
 
 
 class AWQOptions(TargetOptions):
     format: Literal["awq"] = "awq"
     bits: Literal[4] = 4
-    group_size: int = Field(128, ge=1)
+    group_size: int = Field(128, ge=1, le=MAX_GROUP)
     duo_scaling: bool | Literal["both"] = True  # scales from activations and weights (AutoAWQ's default)
     # >= 3: llm-compressor 0.14 divides by n_grid - 2 when duo_scaling is on
-    n_grid: int = Field(20, ge=3, description="grid points per scale search; fewer = faster, coarser")
-    ignore: list[str] | None = None  # None: the architecture's defaults (quantkit/architectures.py)
+    n_grid: int = Field(20, ge=3, le=1000, description="grid points per scale search; fewer = faster, coarser")
+    ignore: Patterns | None = None  # None: the architecture's defaults (quantkit/architectures.py)
     indivisible: Indivisible = "error"
     export: list[Literal["awq"]] = Field(default_factory=list)
 
@@ -58,6 +59,10 @@ class AWQ(Format):
     name = "awq"
     Options = AWQOptions
     libraries = LIBRARIES
+    cost = (5.0, 225.0, 0.0)  # at n_grid 10: each grid point re-runs the cached calibration activations
+
+    def estimate_s(self, opts: AWQOptions, **sizes) -> float:
+        return super().estimate_s(opts, **sizes) * opts.n_grid / 10
 
     def needs_calibration(self, opts: AWQOptions) -> bool:
         return True

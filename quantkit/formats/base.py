@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantkit.recipe.schema import GateSpec
+from quantkit.recipe.schema import GateSpec, Name
 
 if TYPE_CHECKING:
     from quantkit.context import BuildContext
@@ -22,12 +22,12 @@ if TYPE_CHECKING:
 class TargetOptions(BaseModel):
     """Base of every format's options. Subclasses add fields; unknown keys are errors (with did-you-mean)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    format: str
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    name: Name
+    format: Name
     gates: GateSpec | None = None  # per-target limits; override the recipe's `gates`
     # what a distributed executor reserves for this target, e.g. {num_gpus: 1} (Ray task options)
-    resources: dict[str, float | str] | None = None
+    resources: dict[Name, Annotated[float, Field(ge=0, le=1e6)] | Name] | None = Field(None, max_length=32)
 
     # fields that say how to build or judge, not what is built: they do not key the artifact
     NOT_IDENTITY: ClassVar[set[str]] = {"name", "gates", "resources"}
@@ -54,6 +54,10 @@ class Format:
     # distributions whose versions change the bytes this format writes; they key the artifact
     libraries: ClassVar[tuple[str, ...]] = ("torch", "transformers")
     internal: ClassVar[bool] = False  # True: used by the build itself, not selectable in recipes
+    # Rough produce cost on 2 CPU cores, for the build's time-left estimate only (quantkit/progress.py corrects
+    # it by measured times): seconds per 100M parameters: fixed, per 10k calibration tokens, and per 10k tokens
+    # of one perplexity pass over the recipe's windows (formats that run verification passes inside produce).
+    cost: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
 
     def needs_calibration(self, opts: TargetOptions) -> bool:
         return False
@@ -71,6 +75,13 @@ class Format:
         artifact exists yet. None: unknown (the planner then needs a built artifact)."""
         return None
 
+    def estimate_s(self, opts: TargetOptions, *, params: int, calib_tokens: int, pass_tokens: int) -> float:
+        """Rough produce seconds (time-left estimate): `cost` scaled by model size and calibration tokens;
+        `pass_tokens` is the token count of one perplexity pass of the recipe."""
+        fixed, per_calib, per_pass = self.cost
+        calib = calib_tokens / 1e4 if self.needs_calibration(opts) else 0.0
+        return params / 1e8 * (fixed + per_calib * calib + per_pass * pass_tokens / 1e4)
+
     def produce(self, ctx: "BuildContext", opts: TargetOptions, out_dir: Path) -> Produced:
         raise NotImplementedError
 
@@ -78,8 +89,14 @@ class Format:
 _REGISTRY: dict[str, Format] = {}
 
 
+class DuplicateFormat(RuntimeError):
+    """A second format claims a name already registered (e.g. a plugin named like a built-in)."""
+
+
 def register(cls: type[Format]) -> type[Format]:
     if cls.name in _REGISTRY:
-        raise RuntimeError(f"format {cls.name!r} registered twice")
+        have = type(_REGISTRY[cls.name])
+        raise DuplicateFormat(f"format name {cls.name!r} is already registered by {have.__module__}.{have.__name__}; "
+                              f"{cls.__module__}.{cls.__name__} must use another name")
     _REGISTRY[cls.name] = cls()
     return cls

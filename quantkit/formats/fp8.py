@@ -14,6 +14,7 @@ from pydantic import Field
 
 from quantkit.formats._llmcompressor import LIBRARIES, ignore_for, run_oneshot
 from quantkit.formats.base import Format, Produced, TargetOptions, register
+from quantkit.recipe.schema import Patterns
 
 SCHEMES = {"dynamic": "FP8_DYNAMIC", "static": "FP8"}
 
@@ -21,8 +22,8 @@ SCHEMES = {"dynamic": "FP8_DYNAMIC", "static": "FP8"}
 class FP8Options(TargetOptions):
     format: Literal["fp8"] = "fp8"
     scheme: Literal["dynamic", "static"] = "dynamic"
-    targets: list[str] = Field(default_factory=lambda: ["Linear"])
-    ignore: list[str] | None = None  # None: the architecture's defaults (quantkit/architectures.py)
+    targets: Patterns = Field(default_factory=lambda: ["Linear"], min_length=1)
+    ignore: Patterns | None = None  # None: the architecture's defaults (quantkit/architectures.py)
 
 
 @register
@@ -30,6 +31,7 @@ class FP8(Format):
     name = "fp8"
     Options = FP8Options
     libraries = LIBRARIES
+    cost = (2.0, 30.0, 0.0)  # static: one calibration pass for activation scales
 
     def needs_calibration(self, opts: FP8Options) -> bool:
         return opts.scheme == "static"

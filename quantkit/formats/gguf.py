@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, StringConstraints, field_validator
 
 from quantkit.errors import UserError
 from quantkit.formats.base import Format, Produced, TargetOptions, register
@@ -66,19 +66,40 @@ def _pick(kind: str, value: str, known: dict[str, int]) -> str:
     raise ValueError(f"unknown llama.cpp {kind} {value!r}{hint}; known: {', '.join(sorted(known))}")
 
 
-FileType = Annotated[str, AfterValidator(lambda v: _pick("type", v, llama_ftypes()))]
-TensorType = Annotated[str, AfterValidator(lambda v: _pick("tensor type", v, ggml_tensor_types()))]
+def gguf_file_types() -> dict[str, int]:
+    """The file types gguf-py knows (same names): validation without llama-cpp-python; building needs it."""
+    import gguf
+
+    return {t.name.removeprefix("MOSTLY_").removeprefix("ALL_"): t.value for t in gguf.LlamaFileType
+            if t.name != "GUESSED"}
+
+
+def _known(tables, what: str) -> dict[str, int]:
+    """The first type table whose package is installed; else a ValueError (a one-line recipe error)."""
+    for table in tables:
+        try:
+            return table()
+        except ImportError:
+            continue
+    raise ValueError(f"cannot check llama.cpp {what}s: neither llama-cpp-python nor gguf is installed "
+                     "(pip install -e . installs both)")
+
+
+FileType = Annotated[str, StringConstraints(max_length=32),
+                     AfterValidator(lambda v: _pick("type", v, _known((llama_ftypes, gguf_file_types), "type")))]
+TensorType = Annotated[str, StringConstraints(max_length=32),
+                       AfterValidator(lambda v: _pick("tensor type", v, _known((ggml_tensor_types,), "tensor type")))]
 
 
 class GGUFOptions(TargetOptions):
     format: Literal["gguf"] = "gguf"
-    types: list[FileType] = Field(default_factory=lambda: ["Q4_K_M"], min_length=1)
+    types: list[FileType] = Field(default_factory=lambda: ["Q4_K_M"], min_length=1, max_length=64)
     imatrix: bool = False
     output_tensor_type: TensorType | None = None
     token_embedding_type: TensorType | None = None
     intermediate: Literal["F16", "BF16", "F32"] = "F16"  # what convert_hf_to_gguf.py writes before quantizing
-    llama_cpp_ppl_chunks: int | None = Field(32, ge=0)  # llama.cpp-protocol WikiText-2 chunks; 0 skip, null all
-    bench_reps: int = Field(5, ge=0)  # llama-bench repetitions for pp512/tg128; 0 skips the measurement
+    llama_cpp_ppl_chunks: int | None = Field(32, ge=0, le=1 << 20)  # llama.cpp-protocol WikiText-2 chunks; 0 skip, null all
+    bench_reps: int = Field(5, ge=0, le=1000)  # llama-bench repetitions for pp512/tg128; 0 skips the measurement
 
     @field_validator("types")
     @classmethod
@@ -276,6 +297,7 @@ class GGUF(Format):
     name = "gguf"
     Options = GGUFOptions
     libraries = ("torch", "transformers", "gguf", "llama_cpp_python")
+    cost = (30.0, 15.0, 0.0)  # convert + quantize + llama.cpp checks; the imatrix is one calibration pass
 
     def needs_calibration(self, opts: GGUFOptions) -> bool:
         return opts.imatrix and any(t not in IMATRIX_UNUSED for t in opts.types)

@@ -16,17 +16,18 @@ from quantkit.formats._classic import export_classic
 from quantkit.formats._groups import Indivisible, plan_groups
 from quantkit.formats._llmcompressor import LIBRARIES, ignore_for, run_oneshot
 from quantkit.formats.base import Format, Produced, TargetOptions, register
+from quantkit.recipe.schema import MAX_GROUP, Patterns
 
 
 class GPTQOptions(TargetOptions):
     format: Literal["gptq"] = "gptq"
     bits: Literal[4, 8] = 4
-    group_size: int | None = Field(128, description="-1 or null: per-channel")
+    group_size: int | None = Field(128, le=MAX_GROUP, description="-1 or null: per-channel")
     act_order: bool = True  # llm-compressor's "weight" ordering: better accuracy, no g_idx, no runtime cost
     symmetric: bool = True
     dampening_frac: float = Field(0.01, gt=0, lt=1)
     algorithm: Literal["gptq", "rtn"] = "gptq"
-    ignore: list[str] | None = None  # None: the architecture's defaults (quantkit/architectures.py)
+    ignore: Patterns | None = None  # None: the architecture's defaults (quantkit/architectures.py)
     indivisible: Indivisible = "error"
     export: list[Literal["gptq"]] = Field(default_factory=list)
 
@@ -65,6 +66,7 @@ class GPTQ(Format):
     name = "gptq"
     Options = GPTQOptions
     libraries = LIBRARIES
+    cost = (5.0, 55.0, 0.0)
 
     def needs_calibration(self, opts: GPTQOptions) -> bool:
         return opts.algorithm == "gptq"

@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 
 from quantkit.formats._llmcompressor import LIBRARIES, ignore_for, run_oneshot
 from quantkit.formats.base import Format, Produced, TargetOptions, register
+from quantkit.recipe.schema import Patterns
 
 SCHEMES = {"w8a8": "W8A8", "w8a16": "W8A16"}
 
@@ -24,7 +25,7 @@ class INT8Options(TargetOptions):
     smoothing_strength: float | None = Field(None, ge=0, le=1, description="SmoothQuant alpha; null = none")
     algorithm: Literal["gptq", "rtn"] = "gptq"
     dampening_frac: float = Field(0.01, gt=0, lt=1)
-    ignore: list[str] | None = None  # None: the architecture's defaults (quantkit/architectures.py)
+    ignore: Patterns | None = None  # None: the architecture's defaults (quantkit/architectures.py)
 
     @model_validator(mode="before")
     @classmethod
@@ -56,6 +57,7 @@ class INT8(Format):
     name = "int8"
     Options = INT8Options
     libraries = LIBRARIES
+    cost = (5.0, 75.0, 0.0)  # SmoothQuant + GPTQ Hessians over the calibration set
 
     def needs_calibration(self, opts: INT8Options) -> bool:
         return opts.smoothing_strength is not None or opts.algorithm == "gptq"

@@ -29,11 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from quantkit.errors import UserError
 from quantkit.formats._modelopt_check import algo_problem, check_checkpoint
+from quantkit.formats._storage_dtype import storage_dtype, write_unquantized_in
 from quantkit.formats.base import Format, Produced, TargetOptions, register
+from quantkit.recipe.schema import MAX_GROUP, Patterns
 
 AGREEMENT = 0.005  # reference vs fake-quant perplexity, relative
 
@@ -58,9 +60,39 @@ class TRTLLMOptions(TargetOptions):
     format: Literal["trtllm"] = "trtllm"
     scheme: Literal["fp8", "int4_awq", "w4a8_awq", "int8_sq", "nvfp4"] = "fp8"
     kv_cache: Literal["fp8"] | None = None
-    group_size: int | None = Field(None, gt=0)  # int4 schemes; default 128 (must divide every in_features)
+    group_size: int | None = Field(None, gt=0, le=MAX_GROUP)  # int4 schemes; default 128 (must divide every in_features)
     # module-name globs left unquantized; None: the architecture's defaults (quantkit/architectures.py)
-    ignore: list[str] | None = None
+    ignore: Patterns | None = None
+    # AWQ schemes: ModelOpt's awq_lite tries alpha = 0, step, 2*step, ... 1 per layer (default step 0.1, 11 tries);
+    # a coarser step is proportionally cheaper to calibrate
+    awq_alpha_step: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _alpha_step_needs_awq(self):
+        if self.awq_alpha_step is not None and "awq" not in self.scheme:
+            raise ValueError(f"awq_alpha_step applies to the AWQ schemes (int4_awq, w4a8_awq), not {self.scheme}")
+        return self
+
+    @field_validator("scheme")
+    @classmethod
+    def _usable(cls, v: str) -> str:
+        # refused here, not after minutes of calibration: these schemes can never give a verified artifact
+        if (why := scheme_problem(v)) is not None:
+            raise ValueError(f"scheme {v!r} is not supported: {why}; supported: {', '.join(SUPPORTED)}")
+        return v
+
+
+def scheme_problem(scheme: str) -> str | None:
+    """Why `scheme` cannot give a usable, verified artifact (whatever the host), or None."""
+    if (why := algo_problem(SCHEMES[scheme].quant_algo)) is not None:
+        return f"TensorRT-LLM's PyTorch backend cannot load {SCHEMES[scheme].quant_algo} ({why})"
+    if scheme == "nvfp4":
+        return ("quantkit has no reference NVFP4 decoder to verify the export (and ModelOpt's NVFP4 calibration "
+                "needs a CUDA GPU)")
+    return None
+
+
+SUPPORTED = [s for s in SCHEMES if scheme_problem(s) is None]
 
 
 def _group(opts: TRTLLMOptions) -> int | None:
@@ -72,6 +104,11 @@ class TRTLLM(Format):
     name = "trtllm"
     Options = TRTLLMOptions
     libraries = ("torch", "transformers", "nvidia-modelopt")
+    cost = (5.0, 10.0, 45.0)  # calibration, then 2-3 verification perplexity passes (see produce)
+
+    def estimate_s(self, opts: TRTLLMOptions, **sizes) -> float:
+        awq_search = 200.0 * sizes["params"] / 1e8 * sizes["calib_tokens"] / 1e4  # awq_lite's alpha grid
+        return super().estimate_s(opts, **sizes) + (awq_search if "awq" in opts.scheme else 0.0)
 
     def needs_calibration(self, opts: TRTLLMOptions) -> bool:
         return True  # every scheme calibrates static scales (FP8 inputs, AWQ search, SmoothQuant)
@@ -126,6 +163,8 @@ class TRTLLM(Format):
         info["export_s"] = round(time.perf_counter() - t0, 1)
         del model
         ctx.tokenizer.save_pretrained(out_dir)
+        # before the loader check and the decoded-export perplexity: what is verified is what is published
+        info.update(write_unquantized_in(out_dir, storage_dtype(ctx)))
         info["hf_quant_config"] = json.loads((out_dir / "hf_quant_config.json").read_text())
 
         problems = check_checkpoint(out_dir)
@@ -150,14 +189,8 @@ def _preflight(ctx, opts: TRTLLMOptions, scheme: Scheme) -> None:
     """Fail in one line, before any calibration time is spent, when the scheme cannot give a usable artifact."""
     import torch
 
-    if (why := algo_problem(scheme.quant_algo)) is not None:
-        raise UserError(f"trtllm scheme {opts.scheme} ({scheme.quant_algo}): TensorRT-LLM's PyTorch backend "
-                        f"cannot load it: {why}", fix="use fp8, int4_awq or w4a8_awq")
-    if opts.scheme == "nvfp4":
-        need = "a CUDA GPU (ModelOpt's NVFP4 calibration asserts CUDA tensors; TRT-LLM's kernels need SM100+)"
-        if torch.cuda.is_available():
-            need = "a reference NVFP4 decoder, which quantkit does not have yet (the export could not be verified)"
-        raise UserError(f"trtllm scheme nvfp4 needs {need}", fix="use fp8, int4_awq or w4a8_awq")
+    if (why := scheme_problem(opts.scheme)) is not None:  # options built in code skip the validator
+        raise UserError(f"trtllm scheme {opts.scheme}: {why}", fix=f"use one of {', '.join(SUPPORTED)}")
     group = _group(opts)
     if group:
         bad = [(n, m.in_features) for n, m in ctx.base_model.named_modules()
@@ -209,6 +242,8 @@ def _modelopt_config(mtq, opts: TRTLLMOptions) -> dict:
                 for c in e["cfg"] if isinstance(e["cfg"], list) else [e["cfg"]]:
                     if c.get("block_sizes"):
                         c["block_sizes"][-1] = group
+    if opts.awq_alpha_step and isinstance(cfg.get("algorithm"), dict) and "awq" in cfg["algorithm"]["method"]:
+        cfg["algorithm"]["alpha_step"] = opts.awq_alpha_step
     if opts.kv_cache == "fp8":
         entries += copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
     entries += [{"quantizer_name": f"{p}.*", "enable": False} for p in opts.ignore]

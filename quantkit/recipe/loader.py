@@ -16,9 +16,11 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from quantkit.errors import UserError
+from quantkit import safe_yaml
 from quantkit.recipe.schema import Recipe
 
 Pos = tuple[str, int]  # (file, 1-based line)
+MAX_EXTENDS = 8
 
 
 @dataclass
@@ -56,18 +58,7 @@ def _positions(node: yaml.Node, file: str, path: tuple = (), out: dict | None = 
 
 
 def _read_yaml(path: Path) -> tuple[dict, dict[tuple, Pos]]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"recipe file not found: {path}", fix="check the path") from None
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        line = mark.line + 1 if mark else 0
-        raise UserError(f"invalid YAML: {e.problem}", where=f"{path}:{line}",
-                        fix="check indentation and quoting") from None
+    data, node = safe_yaml.load(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -94,10 +85,12 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, d
     base_ref = data.pop("extends", None)
     if base_ref is None:
         return data, pos
-    if not isinstance(base_ref, str):
+    if not isinstance(base_ref, str) or not safe_yaml.plain_path(base_ref):
         raise UserError("extends: expected a path to another recipe file", where=_at(pos, ("extends",), path))
+    if len(seen) >= MAX_EXTENDS:
+        raise UserError(f"extends: more than {MAX_EXTENDS} levels", where=_at(pos, ("extends",), path))
     base_path = (path.parent / base_ref)
-    if not base_path.exists():
+    if not base_path.is_file():
         raise UserError(f"extends: base recipe {base_ref!r} not found (looked at {base_path})",
                         where=_at(pos, ("extends",), path), fix="give a path relative to this recipe")
     base, base_pos = _load_with_extends(base_path, seen + (path,))
@@ -173,6 +166,23 @@ def raise_validation(err: ValidationError, pos: dict, file: Path, prefix: tuple 
     raise UserError(f"{field_path}: {e['msg'].replace(chr(10), ' ')}{got_s}", where=where) from None
 
 
+def _check_datasets(recipe: Recipe, pos: dict, path: Path) -> None:
+    """Dataset names must be defined (calibration/*.yaml); a misspelt one would fail only after model loading."""
+    from quantkit.calibration import dataset_names, is_dataset_file
+
+    known = dataset_names()
+    c = recipe.calibration
+    named = [] if c.path or is_dataset_file(c.dataset) else [(("calibration", "dataset"), c.dataset)]
+    if recipe.eval.perplexity:
+        named += [(("eval", "perplexity", "datasets", i), d) for i, d in enumerate(recipe.eval.perplexity.datasets)]
+    for loc, name in named:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise UserError(f"{_fmt_loc(loc)}: unknown dataset {name[:60]!r}{hint}; defined: {', '.join(known)}",
+                            where=_at(pos, loc, path), fix="use a defined name or a .txt/.jsonl/.parquet file")
+
+
 def load_recipe(path: str | Path) -> LoadedRecipe:
     from quantkit.formats import UNAVAILABLE, format_names, get_format  # late: keeps `import` cheap
 
@@ -193,7 +203,8 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
             if t.format in UNAVAILABLE:
                 raise UserError(f"targets[{i}].format: format {t.format!r} cannot be loaded here: "
                                 f"{UNAVAILABLE[t.format]}", where=_at(pos, ("targets", i, "format"), path),
-                                fix="install its dependencies (pip install -e .)") from None
+                                fix="install its dependencies (pip install -e .), or fix or remove the plugin"
+                                ) from None
             close = difflib.get_close_matches(t.format, format_names(), n=1)
             hint = f" (did you mean `{close[0]}`?)" if close else ""
             raise UserError(f"targets[{i}].format: unknown format {t.format!r}{hint}; known: "
@@ -205,4 +216,8 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
         except UserError as err:  # format-level semantic checks raise UserError without a position
             err.where = err.where or _at(pos, ("targets", i), path)
             raise
+        except Exception as err:  # a validator (a plugin's, say) that fails in its own code: still one line
+            raise UserError(f"targets[{i}]: format {t.format!r} could not check its options: "
+                            f"{type(err).__name__}: {err}", where=_at(pos, ("targets", i), path)) from None
+    _check_datasets(recipe, pos, path)
     return LoadedRecipe(recipe=recipe, path=path, raw=data, targets=targets)

@@ -1,18 +1,31 @@
 """The recipe schema (pydantic). Target options are validated by each format's own model (formats/)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+# Strings that become ids, file or directory names: bounded, and only characters safe in paths and URLs.
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=96)]
+NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"  # no control characters or line separators
+# Strings that name files, URIs, module globs: bounded, no control characters (a NUL breaks every os call).
+Text = Annotated[str, StringConstraints(pattern=NO_CONTROL, min_length=1, max_length=1024)]
+Pattern = Annotated[str, StringConstraints(pattern=NO_CONTROL, min_length=1, max_length=256)]
+Patterns = Annotated[list[Pattern], Field(max_length=1024)]
+# Sane upper bounds: far above any real use, low enough that nothing downstream overflows or allocates wildly.
+MAX_TOKENS = 1 << 20  # sequence lengths
+MAX_SEED = (1 << 32) - 1  # numpy's limit; torch accepts it too
+MAX_GROUP = 1 << 16  # quantization group sizes
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSpec(Strict):
-    source: str = Field(description="local HF dir, hub id (org/name), or a .gguf file")
-    revision: str | None = Field(None, description="hub commit/tag; required for hub ids")
+    source: Text = Field(description="local HF dir, hub id (org/name), or a .gguf file")
+    revision: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][\w./-]*$", max_length=256)] | None = Field(
+        None, description="hub commit/tag; required for hub ids")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -21,29 +34,37 @@ class ModelSpec(Strict):
 
 
 class CalibrationSpec(Strict):
-    dataset: str = Field("c4", description="a name defined in calibration/*.yaml, or a .txt/.jsonl/.parquet path")
-    split: str = "train"
-    path: str | None = Field(None, description="local file overriding where the dataset is read from")
-    text_field: str = "text"
-    num_samples: int = Field(128, ge=1)
-    seq_len: int = Field(2048, ge=16)
-    seed: int = 0
+    dataset: Text = Field("c4", description="a name defined in calibration/*.yaml, or a .txt/.jsonl/.parquet path")
+    split: Name = "train"
+    path: Text | None = Field(None, description="local file overriding where the dataset is read from")
+    text_field: Pattern = "text"
+    num_samples: int = Field(128, ge=1, le=1 << 16)
+    seq_len: int = Field(2048, ge=16, le=MAX_TOKENS)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class PerplexitySpec(Strict):
-    datasets: list[str] = Field(default_factory=lambda: ["wikitext2", "c4"])
-    seq_len: int = Field(2048, ge=16)
-    max_windows: int | None = Field(None, ge=1)
-    batch_size: int = Field(1, ge=1)
+    datasets: list[Name] = Field(default_factory=lambda: ["wikitext2", "c4"], max_length=16)
+    seq_len: int = Field(2048, ge=16, le=MAX_TOKENS)
+    max_windows: int | None = Field(None, ge=1, le=1 << 20)
+    batch_size: int = Field(1, ge=1, le=4096)
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a dataset is listed twice")
+        return v
 
 
 class ThroughputSpec(Strict):
-    prompt_len: int = Field(128, ge=1)
-    gen_len: int = Field(32, ge=1)
-    batch_sizes: list[int] = Field(default_factory=lambda: [1])
-    repetitions: int = Field(3, ge=1)
-    warmup: int = Field(1, ge=0)
-    threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
+    prompt_len: int = Field(128, ge=1, le=MAX_TOKENS)
+    gen_len: int = Field(32, ge=1, le=MAX_TOKENS)
+    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [1], min_length=1,
+                                                                    max_length=16)
+    repetitions: int = Field(3, ge=1, le=1000)
+    warmup: int = Field(1, ge=0, le=100)
+    threads: int | None = Field(None, ge=1, le=4096, description="CPU threads (default: all cores)")
 
 
 class EvalSpec(Strict):
@@ -54,13 +75,13 @@ class EvalSpec(Strict):
 class GateSpec(Strict):
     """Limits an artifact must meet; a failing artifact is still published (as evidence), marked failed."""
 
-    max_ppl_increase_pct: float | None = None
-    min_decode_speedup: float | None = None
-    max_size_gb: float | None = None
+    max_ppl_increase_pct: float | None = Field(None, ge=-100, le=1e6)
+    min_decode_speedup: float | None = Field(None, gt=0, le=1e4)
+    max_size_gb: float | None = Field(None, gt=0, le=1e6)
 
 
 class StoreSpec(Strict):
-    uri: str = "./model-store"
+    uri: Text = "./model-store"
     options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options for a remote uri, "
                                     "e.g. {endpoint_url: ..., client_kwargs: {region_name: ...}}; credentials "
                                     "belong in the environment (AWS_ACCESS_KEY_ID, ...), not in recipes")
@@ -70,15 +91,15 @@ class TargetSpec(BaseModel):
     """Common fields of every target; each format adds its own options (extra keys checked per format)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    format: str
+    name: Name
+    format: Name
 
 
 class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: Name
     model: ModelSpec
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
-    targets: list[TargetSpec] = Field(default_factory=list)
+    targets: list[TargetSpec] = Field(default_factory=list, max_length=256)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
     gates: GateSpec | None = None

@@ -1,9 +1,8 @@
 """How a write becomes visible all at once on each kind of fsspec filesystem.
 
-Three write operations cover the store:
+Two write operations cover the store; nothing is ever overwritten with different bytes:
     put_blob(local, dest)     content-addressed, so writing it twice is harmless (idempotent replace)
-    put_bytes(data, dest)     overwrite (eval records: the newest measurement under a key wins)
-    create_bytes(data, dest)  write-once (manifests): False, not an error, when dest already exists
+    create_bytes(data, dest)  write-once (manifests, eval records): False, not an error, when dest exists
 
 local disk   a temporary name under <root>/tmp, then os.replace (atomic); write-once through os.link, which
              fails if the name exists, so two racing publishers of one artifact leave exactly one manifest.
@@ -83,21 +82,6 @@ class Writer:
             return
         tmp = self._tmp()
         self.fs.put_file(str(local), tmp)
-        self.fs.mv(tmp, dest)
-
-    def put_bytes(self, data: bytes, dest: str) -> None:
-        if self.object_store:
-            self.fs.pipe_file(dest, data)
-            return
-        self._parent(dest)
-        if self.local:
-            os.makedirs(self.tmp_dir, exist_ok=True)
-            tmp = self._tmp()
-            Path(tmp).write_bytes(data)
-            os.replace(tmp, dest)
-            return
-        tmp = self._tmp()
-        self.fs.pipe_file(tmp, data)
         self.fs.mv(tmp, dest)
 
     def create_bytes(self, data: bytes, dest: str) -> bool:

@@ -21,10 +21,17 @@ class GateStatus(str, Enum):
     failed = "failed"
 
 
-def open_store(uri: Optional[str]):
+def open_store(uri: Optional[str], must_exist: bool = True):
+    """The store to read. Reading never creates one (a typo in --store must not make a bucket): a store that
+    does not exist is one line and exit 2, unless the caller treats it as empty (must_exist=False)."""
+    from quantkit.errors import UserError
     from quantkit.store.store import Store
 
-    return Store(uri or os.environ.get("QUANTKIT_STORE") or str(Path.cwd() / "model-store"))
+    st = Store(uri or os.environ.get("QUANTKIT_STORE") or str(Path.cwd() / "model-store"))
+    if must_exist and not st.exists():
+        raise UserError(f"no store at {st.uri} (nothing was ever published there)",
+                        fix="check --store / $QUANTKIT_STORE / the recipe's store.uri")
+    return st
 
 
 @store_app.command("list")
@@ -32,18 +39,31 @@ def store_list(store: Optional[str] = StoreOpt, as_json: bool = typer.Option(Fal
                model: Optional[str] = typer.Option(None, help="only artifacts whose source uri contains this"),
                fmt: Optional[str] = typer.Option(None, "--format", help="only this format (fp8, gguf, ...)"),
                recipe: Optional[str] = typer.Option(None, help="only artifacts of this recipe name"),
-               gate: Optional[GateStatus] = typer.Option(None, help="only artifacts whose gate passed/failed")) -> None:
+               gate: Optional[GateStatus] = typer.Option(None, help="only artifacts whose gate passed/failed under "
+                                                         "--recipe-file's current gates"),
+               recipe_file: Optional[Path] = typer.Option(None, "--recipe-file", help="judge artifacts by this "
+                                                          "recipe's current gates (the gate column, --gate)")) -> None:
     """List the artifacts in the store."""
     from rich.table import Table
 
+    from quantkit.errors import UserError
     from quantkit.store.maintain import matches
 
+    if gate and not recipe_file:
+        raise UserError("--gate needs --recipe-file RECIPE: verdicts are computed from a recipe's current gates, "
+                        "not stored", fix=f"quantkit store list --gate {gate.value} --recipe-file recipes/NAME.yaml")
     s = open_store(store)
-    manifests = [m for m in s.list()
-                 if matches(m, model=model, fmt=fmt, recipe=recipe, gate=gate.value if gate else None)]
+    manifests = [m for m in s.list() if matches(m, model=model, fmt=fmt, recipe=recipe)]
+    verdict = {}
+    if recipe_file:
+        from quantkit.gates import from_recipe_file
+
+        verdict = {i: v["status"] for i, v in from_recipe_file(recipe_file, manifests).items()}
+    if gate:
+        manifests = [m for m in manifests if verdict.get(m["id"]) == gate.value]
     if as_json:
         print(json.dumps([{**{k: m[k] for k in ("id", "recipe", "target", "engine", "total_size", "created_at")},
-                           "model": m.get("source", {}).get("uri"), "gate": (m.get("gate") or {}).get("status")}
+                           "model": m.get("source", {}).get("uri"), "gate": verdict.get(m["id"])}
                           for m in manifests], indent=2))
         return
     t = Table(title=f"{s.uri}: {len(manifests)} artifacts")
@@ -51,15 +71,18 @@ def store_list(store: Optional[str] = StoreOpt, as_json: bool = typer.Option(Fal
         t.add_column(c)
     for m in manifests:
         t.add_row(m["id"], m["recipe"]["name"], m["target"]["format"], m["target"]["scheme"],
-                  f"{m['total_size'] / 1e6:.1f}", (m.get("gate") or {}).get("status") or "-", m["created_at"])
+                  f"{m['total_size'] / 1e6:.1f}", verdict.get(m["id"]) or "-", m["created_at"])
     out.print(t)
 
 
 @store_app.command("show")
 def store_show(artifact_id: str, store: Optional[str] = StoreOpt) -> None:
-    """Print an artifact's manifest (ID or a unique prefix)."""
+    """Print an artifact's manifest (ID or a unique prefix), the newest measurements merged into `metrics`;
+    every measurement added after publishing, oldest first, is under `eval_history`."""
     s = open_store(store)
-    print(json.dumps(s.get(s.resolve_id(artifact_id)), indent=2))
+    i = s.resolve_id(artifact_id)
+    history = [{"record": p.rsplit("/", 1)[-1], **r} for p, r in s.eval_records(i)]
+    print(json.dumps({**s.get(i), **({"eval_history": history} if history else {})}, indent=2))
 
 
 @store_app.command("verify")
@@ -101,7 +124,7 @@ def store_push(artifact_ids: Optional[list[str]] = typer.Argument(None, help="ID
     if not artifact_ids and not all_:
         raise UserError("name the artifacts to push, or --all")
     ids = s.ids() if all_ else [s.resolve_id(a) for a in artifact_ids]
-    r = push(s, open_store(to), ids)
+    r = push(s, open_store(to, must_exist=False), ids)
     for i in r.entries:
         print(f"pushed {i}")
     print(f"{len(r.entries)} pushed, {len(r.already)} already there; {r.blobs_copied} blobs "

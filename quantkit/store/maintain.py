@@ -10,6 +10,7 @@ from pathlib import Path
 
 from quantkit.errors import UserError
 from quantkit.store.backends import mtime
+from quantkit.store.manifest import BadManifest, ManifestMissing
 from quantkit.store.store import Store
 from quantkit.util import sha256_file
 
@@ -25,13 +26,12 @@ def parse_age(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2) or "s"]
 
 
-def matches(m: dict, *, model: str | None = None, fmt: str | None = None, recipe: str | None = None,
-            gate: str | None = None) -> bool:
-    """Listing filters: model is a substring of the source uri; gate is the published gate status."""
+def matches(m: dict, *, model: str | None = None, fmt: str | None = None, recipe: str | None = None) -> bool:
+    """Listing filters: model is a substring of the source uri. (Gate verdicts are not in manifests: the CLI
+    computes them from a recipe's current gates, quantkit.gates.)"""
     return ((model is None or model in m.get("source", {}).get("uri", ""))
             and (fmt is None or m["target"]["format"] == fmt)
-            and (recipe is None or m["recipe"]["name"] == recipe)
-            and (gate is None or (m.get("gate") or {}).get("status") == gate))
+            and (recipe is None or m["recipe"]["name"] == recipe))
 
 
 # -- push ----------------------------------------------------------------------------------------------------
@@ -46,14 +46,19 @@ class PushResult:
 
 def push(src: Store, dst: Store, ids: list[str]) -> PushResult:
     """Copy entries src -> dst the way a publish does: blobs (hash-checked in transit), eval records, then
-    the manifest last, written once. An entry already in dst is left as it is."""
+    the manifest last, written once. An entry already in dst is left as it is. Every manifest and eval record
+    is checked before anything is written: a bad one stops the push with one line naming it."""
     out = PushResult()
+    todo = []
+    for i in ids:
+        if dst.has(i):
+            out.already.append(i)
+        else:
+            todo.append((i, src.raw_manifest(i), src.eval_records(i)))  # raises on a bad one
+    if todo:
+        dst.create()
     with tempfile.TemporaryDirectory(prefix="quantkit-push-") as tmp:
-        for i in ids:
-            if dst.has(i):
-                out.already.append(i)
-                continue
-            manifest = src.raw_manifest(i)
+        for i, manifest, records in todo:
             for f in {f["sha256"]: f for f in manifest["files"]}.values():
                 if dst.has_blob(f["sha256"]):
                     out.bytes_deduped += f["size"]
@@ -67,8 +72,9 @@ def push(src: Store, dst: Store, ids: list[str]) -> PushResult:
                     out.blobs_copied += 1
                     out.bytes_copied += f["size"]
                 local.unlink()
-            for p in src.eval_files(i):
-                dst.writer.put_bytes(src.fs.cat_file(p), f"{dst.evals_dir(i)}/{p.rsplit('/', 1)[-1]}")
+            for p, record in records:  # same name, written once: a record already there is never replaced
+                dst.writer.create_bytes(json.dumps(record, indent=2, sort_keys=True).encode(),
+                                        f"{dst.evals_dir(i)}/{p.rsplit('/', 1)[-1]}")
             dst.writer.create_bytes(json.dumps(manifest, indent=2, sort_keys=True).encode(), dst.manifest_path(i))
             out.entries.append(i)
     return out
@@ -91,10 +97,10 @@ def _referenced(st: Store) -> set[str]:
     for i in st.ids():
         try:
             live.update(f["sha256"] for f in st.raw_manifest(i)["files"])
-        except UserError:  # removed meanwhile
+        except ManifestMissing:  # removed meanwhile
             continue
-        except (ValueError, KeyError) as e:  # unreadable: we cannot know what it protects, so stop
-            raise UserError(f"manifest {i} in {st.uri} is unreadable ({e}); gc stopped, nothing removed") from None
+        except BadManifest as e:  # we cannot know what it protects, so stop
+            raise UserError(f"{e}; gc stopped, nothing removed", fix=e.fix) from None
     return live
 
 

@@ -1,6 +1,6 @@
 """Run llama.cpp's convert_hf_to_gguf.py with the tokenizer taken from another GGUF file.
 
-    python -m quantkit.formats._gguf_vocab SOURCE.gguf CONVERTER.py [converter arguments...]
+    python quantkit/formats/_gguf_vocab.py SOURCE.gguf CONVERTER.py [converter arguments...]
 
 For a checkpoint imported from a GGUF (quantkit model import-gguf), the tokenizer files transformers wrote are
 a re-derivation that the converter often cannot classify ("BPE pre-tokenizer was not recognized"), while the
@@ -31,6 +31,8 @@ def _copy_tokenizer(source: Path):
 
 def main() -> None:
     source, script, *args = sys.argv[1:]
+    here = Path(__file__).resolve().parent  # a runner may have put this directory first: its gguf.py is not gguf
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != here]
     sys.path.insert(0, str(Path(script).parent))
     sys.path.insert(1, str(Path(script).parent / "gguf-py"))
     import conversion

@@ -32,6 +32,8 @@ from pydantic import AfterValidator, Field, StringConstraints, field_validator
 
 from quantkit.errors import UserError
 from quantkit.formats.base import Format, Produced, TargetOptions, register
+from quantkit.sources.remote_code import EXIT_REFUSED, MARKER
+from quantkit.sources.remote_code import FIX as REMOTE_FIX
 
 FLOAT_TYPES = ("F32", "F16", "BF16")  # written directly by the converter
 # Types whose quantizer ignores an importance matrix (float copies; ggml's quantize_q8_0 drops quant_weights):
@@ -124,9 +126,16 @@ def convert(ctx, outtype: str) -> Path:
     if out.exists():
         return out
     tmp = out.with_suffix(".part")
-    cmd = [sys.executable, *_vocab_wrapper(ctx.source.path), str(convert_script()), str(ctx.source.path),
+    # The converter loads some tokenizers with trust_remote_code=True hard-coded: run it under quantkit's guard,
+    # which refuses a checkpoint's own code unless the recipe allows it.
+    allow = ["--allow"] if ctx.recipe.model.trust_remote_code else []
+    cmd = [sys.executable, "-m", "quantkit.sources.remote_code", *allow,
+           *_vocab_wrapper(ctx.source.path), str(convert_script()), str(ctx.source.path),
            "--outtype", outtype.lower(), "--outfile", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=convert_env(), errors="replace")
+    if proc.returncode == EXIT_REFUSED and MARKER in proc.stderr:
+        why = proc.stderr[proc.stderr.index(MARKER) + len(MARKER):].strip().splitlines()[0]
+        raise UserError(f"convert_hf_to_gguf.py needs remote code for {ctx.source.path}: {why}", fix=REMOTE_FIX)
     if proc.returncode != 0:
         tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
         raise UserError(f"convert_hf_to_gguf.py failed on {ctx.source.path}: {tail}",

@@ -283,7 +283,8 @@ def _reference_ppl(ctx, out_dir: Path, windows) -> float:
     from quantkit.evaluation.perplexity import perplexity
 
     engine = get_engine("modelopt-dequant")
-    handle = engine.load(out_dir, ".", dtype=ctx.recipe.model.dtype)
+    handle = engine.load(out_dir, ".", dtype=ctx.recipe.model.dtype,
+                         trust_remote_code=ctx.recipe.model.trust_remote_code)
     rec = perplexity(engine, handle, windows, _batch_size(ctx))
     return round(rec["ppl"], 4)
 

@@ -62,7 +62,7 @@ class ThroughputSpec(Strict):
     gen_len: int = Field(32, ge=1, le=MAX_TOKENS)
     batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [1], min_length=1,
                                                                     max_length=16)
-    repetitions: int = Field(3, ge=1, le=1000)
+    repetitions: int = Field(3, ge=1, le=1000, description="timed runs per batch size; ttft p99 is reported from 100")
     warmup: int = Field(1, ge=0, le=100)
     threads: int | None = Field(None, ge=1, le=4096, description="CPU threads (default: all cores)")
 

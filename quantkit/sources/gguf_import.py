@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from quantkit.errors import UserError
+from quantkit.sources.remote_code import refuse_remote_code
 
 CHECK_TEXT = "The capital of France is Paris.\n\n  Ünïcödé — 東京 🙂 x=1;\ty"
 
@@ -65,9 +66,10 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=out_dir.parent))
     try:
-        kw = dict(gguf_file=gguf_path.name)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+        kw = dict(gguf_file=gguf_path.name, trust_remote_code=False)
+        with refuse_remote_code():  # a GGUF holds no Python; files beside it must not bring any in
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
         before = tokenizer(CHECK_TEXT)["input_ids"]
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)

@@ -11,11 +11,27 @@ from rich.console import Console
 from rich.table import Table
 
 
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def baseline_run_dtype(m: dict) -> str | None:
+    """The dtype the dense baseline was evaluated in (its metric records say; a GPU run of an fp32 file is bf16)."""
+    metrics = m.get("metrics", {})
+    for rec in [metrics.get("throughput") or {}, *metrics.get("perplexity", {}).values()]:
+        if rec.get("dtype") in ITEMSIZE:
+            return rec["dtype"]
+    return m["info"].get("dtype") if m["info"].get("dtype") in ITEMSIZE else None
+
+
 def _size(m: dict) -> int:
-    """Bytes of what the engine loads: the baseline's weights; an artifact without its classic-layout extra
-    copies (`export: [gptq]` writes a second checkpoint beside the compressed-tensors one)."""
+    """Bytes of what the engine loads: a dense baseline's weights at the dtype it was run in (not the file's:
+    an fp32 checkpoint evaluated in bf16 is a bf16 model); an artifact without its classic-layout extra copies
+    (`export: [gptq]` writes a second checkpoint beside the compressed-tensors one)."""
     if m["target"]["format"] == "baseline":
-        return m["info"].get("weight_bytes", 0)
+        info, dtype = m["info"], baseline_run_dtype(m)
+        if dtype and info.get("param_count"):
+            return info["param_count"] * ITEMSIZE[dtype]
+        return info.get("weight_bytes", 0)
     return m["total_size"] - sum(e.get("bytes", 0) for e in m["info"].get("exports", {}).values())
 
 
@@ -54,6 +70,8 @@ def rows(manifests: Iterable[dict]) -> list[dict]:
         row = {"id": m["id"], "recipe": m["recipe"]["name"], "target": m["target"]["name"],
                "format": m["target"]["format"], "scheme": m["target"]["scheme"], "engine": m["engine"],
                "size_mb": round(_size(m) / 1e6, 1),
+               "size_basis": (f"weights at {baseline_run_dtype(m)}, the dtype it ran in" if
+                              m["target"]["format"] == "baseline" and baseline_run_dtype(m) else "files"),
                "x_vs_16bit": round(ref16 / _size(m), 2) if ref16 and _size(m) else None, "ppl": {},
                "gate": None}  # a recipe's current verdict, filled by gates.apply; never read from the manifest
         tp, ref = _throughput(m), _speed_reference(m, manifests)
@@ -161,6 +179,8 @@ def to_markdown(rs: list[dict], title: str = "") -> str:
     if any(p.get("change_se_pct") for r in rs for p in r["ppl"].values()):
         lines += ["`±`: standard error of the change, from the per-window differences to the baseline on the same "
                   "windows (more windows shrink it by the square root)."]
+    lines += [f"Size of `{r['target']}`: {r['size_basis']} (not its file size)." for r in rs
+              if r.get("size_basis", "files") != "files"]
     if any(r.get("speed_engine") == "transformers-eager" for r in rs):
         lines += ["Speed from `transformers-eager` is a reference measurement of eager PyTorch, not a serving "
                   "engine's speedup. Decode speedup compares with the dense model in the same engine; `bound` is "

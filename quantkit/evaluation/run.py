@@ -12,6 +12,7 @@ from pathlib import Path
 
 from quantkit.evaluation.engines import get_engine
 from quantkit.evaluation.perplexity import make_windows, perplexity, window_key
+from quantkit.sources.remote_code import refuse_remote_code
 from quantkit.evaluation.roofline import decode_bound, memory_bandwidth, weight_bytes
 from quantkit.util import sha256_json
 
@@ -59,7 +60,10 @@ def evaluate(ctx, engine_name: str, path: Path, entry: str, wants: list[Want], c
     wants = can
     if not wants:
         return []
-    handle = engine.load(path, entry, dtype=ctx.recipe.model.dtype)
+    # the recipe's remote-code switch holds in every engine: passed on, and enforced around the load
+    allowed = ctx.recipe.model.trust_remote_code
+    with refuse_remote_code(allowed):
+        handle = engine.load(path, entry, dtype=ctx.recipe.model.dtype, trust_remote_code=allowed)
     records = []
     for w in wants:
         if w.kind == "perplexity":

@@ -40,6 +40,13 @@ class BuildContext:
         return hf_kwargs(self.recipe.model.trust_remote_code, self.recipe.model.allow_pickle)
 
     @cached_property
+    def architecture(self):
+        """This model's row of the per-architecture table (quantkit/architectures.py), from config.json."""
+        from quantkit.architectures import for_config, read_config
+
+        return for_config(read_config(self.source.path))
+
+    @cached_property
     def torch_dtype(self):
         import torch
 

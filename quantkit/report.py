@@ -99,9 +99,24 @@ def rows(manifests: Iterable[dict]) -> list[dict]:
             same = b and b.get("key") == met.get("key")  # compare only numbers from one protocol
             row["ppl"][ds] = {"ppl": round(met["ppl"], 3),
                               "change_pct": round(100 * (met["ppl"] / b["ppl"] - 1), 2) if same else None,
+                              "change_se_pct": paired_se_pct(met, b) if same else None,
                               "protocol": met["protocol"], "seq_len": met["seq_len"], "windows": met["windows"]}
         out.append(row)
     return out
+
+
+def paired_se_pct(met: dict, base: dict) -> float | None:
+    """Standard error (percentage points) of a ppl change, from the per-window NLLs of artifact and baseline on
+    the same windows: the text's own window-to-window spread cancels in the differences d_i, so
+    SE = exp(mean d) * sd(d) / sqrt(n). None when either record lacks per-window values (older manifests)."""
+    import math
+    import statistics
+
+    a, b = met.get("window_nll"), base.get("window_nll")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    d = [x - y for x, y in zip(a, b)]
+    return round(100 * math.exp(statistics.fmean(d)) * statistics.stdev(d) / math.sqrt(len(d)), 2)
 
 
 def _datasets(rs: list[dict]) -> list[str]:
@@ -128,7 +143,8 @@ def _flat(rs: list[dict]) -> tuple[list[str], list[list[str]]]:
         line = [r["target"], r["format"], r["scheme"], f"{r['size_mb']:.1f}", _fmt(r["x_vs_16bit"], ".2f")]
         for d in ds:
             p = r["ppl"].get(d)
-            line += [_fmt(p and p["ppl"], ".3f"), _fmt(p and p["change_pct"], "+.2f")]
+            se = p and p.get("change_se_pct")
+            line += [_fmt(p and p["ppl"], ".3f"), _fmt(p and p["change_pct"], "+.2f") + (f" ±{se:.2f}" if se else "")]
         if speed:
             line += [r.get("speed_engine", "-"), _fmt(r.get("prefill_tok_s"), ".0f"),
                      _fmt(r.get("decode_tok_s"), ".1f"), _fmt(r.get("decode_speedup"), ".2f"),
@@ -143,7 +159,8 @@ def row_line(r: dict) -> str:
     """One row on one line: what the build prints as each artifact is done, before the whole table."""
     parts = [f"{r['target']:<18} {r['scheme']}", f"{r['size_mb']:.1f} MB"]
     for d, p in sorted(r["ppl"].items()):
-        parts.append(f"ppl {d} {p['ppl']:.3f}" + ("" if p["change_pct"] is None else f" ({p['change_pct']:+.2f} %)"))
+        se = f" ±{p['change_se_pct']:.2f}" if p.get("change_se_pct") else ""
+        parts.append(f"ppl {d} {p['ppl']:.3f}" + ("" if p["change_pct"] is None else f" ({p['change_pct']:+.2f}{se} %)"))
     if r.get("decode_tok_s"):
         speedup = f", x{r['decode_speedup']:.2f}" if r.get("decode_speedup") else ""
         parts.append(f"decode {r['decode_tok_s']:.1f} tok/s{speedup} ({r['speed_engine']})")
@@ -178,6 +195,9 @@ def to_markdown(rs: list[dict], title: str = "") -> str:
     lines += ["", f"Perplexity protocol: {protocol_note(rs)}."]
     if speed_note(rs):
         lines += [speed_note(rs)]
+    if any(p.get("change_se_pct") for r in rs for p in r["ppl"].values()):
+        lines += ["`±`: standard error of the change, from the per-window differences to the baseline on the same "
+                  "windows (more windows shrink it by the square root)."]
     lines += [f"Size of `{r['target']}`: {r['size_basis']} (not its file size)." for r in rs
               if r.get("size_basis", "files") != "files"]
     if any(r.get("speed_engine") == "transformers-eager" for r in rs):

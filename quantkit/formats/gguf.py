@@ -129,7 +129,8 @@ def convert(ctx, outtype: str) -> Path:
     # The converter loads some tokenizers with trust_remote_code=True hard-coded: run it under quantkit's guard,
     # which refuses a checkpoint's own code unless the recipe allows it.
     allow = ["--allow"] if ctx.recipe.model.trust_remote_code else []
-    cmd = [sys.executable, "-m", "quantkit.sources.remote_code", *allow, str(convert_script()), str(ctx.source.path),
+    cmd = [sys.executable, "-m", "quantkit.sources.remote_code", *allow,
+           *_vocab_wrapper(ctx.source.path), str(convert_script()), str(ctx.source.path),
            "--outtype", outtype.lower(), "--outfile", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=convert_env(), errors="replace")
     if proc.returncode == EXIT_REFUSED and MARKER in proc.stderr:
@@ -141,6 +142,17 @@ def convert(ctx, outtype: str) -> Path:
                         fix="check that llama.cpp supports this architecture")
     tmp.replace(out)
     return out
+
+
+def _vocab_wrapper(model_dir: Path) -> list[str]:
+    """A model imported from a GGUF converts with that GGUF's own tokenizer (formats/_gguf_vocab.py)."""
+    import json
+
+    record = Path(model_dir) / "quantkit-import.json"
+    source = json.loads(record.read_text()).get("source") if record.is_file() else None
+    if not source or not Path(source).is_file():
+        return []
+    return [str(Path(__file__).with_name("_gguf_vocab.py")), source]
 
 
 def _gguf_arch(reader) -> tuple[str, int]:

@@ -63,6 +63,7 @@ def _entries(m, path):
                                             for e in m["info"].get("exports", {}).values()]
 
 
+@pytest.mark.slow  # builds 8 artifacts with llm-compressor and ModelOpt (~3 min on 2 cores)
 def test_every_artifact_scores_like_its_own_engine(built):
     """Correctness before speed: same windows, perplexity within 0.5% of the artifact's engine's."""
     from transformers import AutoTokenizer
@@ -111,6 +112,7 @@ def _oracle_weights(m, path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if n != "baseline"])
 def test_kernel_swap_matches_dequantized_weights(built, name):
     """Every linear's kernel module computes x @ W^T for the oracle's W (int4 exactly on the reference path;
@@ -135,6 +137,7 @@ def test_kernel_swap_matches_dequantized_weights(built, name):
             assert float((tg - want).norm() / want.norm()) < 2e-2, mod
 
 
+@pytest.mark.slow
 def test_classic_exports_map_to_the_same_integers(built):
     """GPTQ v1 and AWQ GEMM exports become the same int4 kernel inputs as their compressed-tensors source."""
     _, arts = built
@@ -148,6 +151,7 @@ def test_classic_exports_map_to_the_same_integers(built):
             assert torch.equal(ct[mod].scale.half(), classic[mod].scale), mod  # classic layouts store fp16
 
 
+@pytest.mark.slow
 def test_throughput_on_cpu_records_engine_device_host_kernels(built):
     from types import SimpleNamespace
 

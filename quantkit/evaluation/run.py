@@ -100,6 +100,8 @@ def evaluate(ctx, engine_name: str, path: Path, entry: str, wants: list[Want], c
     for w in wants:
         if w.kind == "throughput":
             r = _throughput(ctx, engine_name, path, entry, console)
+            if r is None:
+                continue
             r.setdefault("host", speed_context()["host"])  # every speed record names its host
             # a dense source is read at the dtype it was loaded in (fp32 file evaluated as bf16 on a GPU)
             dense = Path(entry).is_absolute() and Path(entry) == ctx.source.path
@@ -123,7 +125,7 @@ def _load(ctx, engine, path: Path, entry: str):
         return engine.load(path, entry, dtype=ctx.recipe.model.dtype, trust_remote_code=allowed)
 
 
-def _throughput(ctx, engine_name: str, path: Path, entry: str, console) -> dict:
+def _throughput(ctx, engine_name: str, path: Path, entry: str, console) -> dict | None:
     """Time the artifact in its speed engine; an artifact that engine has no kernel for (it raises
     `NotServed`) is timed by its own engine, and the record says why."""
     from quantkit.evaluation.kernels.weights import NotServed
@@ -134,7 +136,9 @@ def _throughput(ctx, engine_name: str, path: Path, entry: str, console) -> dict:
     except NotServed as e:
         own = get_engine(engine_name)
         if speed is own or not hasattr(own, "throughput"):
-            raise
+            console.print(f"  throughput: {speed.name} cannot serve it ({e}) and {engine_name} times nothing; "
+                          "not measured", highlight=False)
+            return None
         console.print(f"  throughput: {speed.name} cannot serve it ({e}); timed by {engine_name}")
         handle, speed = _load(ctx, own, path, entry), own
         return {**speed.throughput(handle, ctx.recipe.eval.throughput), "fallback_reason": str(e)}

@@ -19,9 +19,11 @@ help:
 	@echo "make check  - the fast lane: every test that needs neither the real model nor heavy quantization"
 
 # The venv is keyed on pyproject.toml: torch first from the CPU wheel on disk (a plain `torch` requirement
-# would pull a multi-GB CUDA build), then the project with that torch held fixed, then llama.cpp's tools and
-# llama-cpp-python, built once per version and cached under $(QUANTKIT_CACHE).
-$(BIN)/.installed: pyproject.toml scripts/setup_llama_cpp.sh
+# would pull a multi-GB CUDA build), then the project with that torch held fixed, then llama.cpp: ONE CMake build
+# per version and build options gives the tools and the libraries llama-cpp-python loads (its Python package is
+# installed without compiling), cached under $(QUANTKIT_CACHE)/llama.cpp/. A CUDA build on a GPU host:
+# `scripts/setup_llama_cpp.sh .venv cuda`.
+$(BIN)/.installed: pyproject.toml scripts/setup_llama_cpp.sh quantkit/toolchain/llama_cpp.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

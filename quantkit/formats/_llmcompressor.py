@@ -7,43 +7,100 @@ modifier list; this module decides how llm-compressor runs it:
 - calibrated: `oneshot` on a model read fresh from the source files (placement by quantkit/placement.py), whose
   sequential pipeline onloads one decoder layer at a time to the GPU; with `gpus > 1`, one process per GPU
   (quantkit/distributed.py).
+
+Mixture-of-experts: transformers keeps experts as fused 3-D parameters, which no quantizer targets. They are
+linearized first (llm-compressor's `linearize_moe`: one Linear per expert projection) and oneshot runs with
+`moe_calibrate_all_experts` (every expert sees every calibration token; the router still weights the output
+by its own top-k), so no expert is left with an empty observer. A forward hook per expert projection counts
+what reached it; an expert that saw nothing stops the build.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from quantkit.architectures import llmcompressor_ignore, resolve_ignore
+from quantkit.errors import UserError
 from quantkit.formats._storage_dtype import storage_dtype, write_unquantized_in
 from quantkit.util import quiet_llmcompressor
 
 LIBRARIES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
 
 
-def run_oneshot(ctx, modifiers: list, out_dir: Path, *, calibrate: bool) -> dict:
-    """Quantize the model with `modifiers`, save compressed to out_dir, return the quantization_config written
-    to config.json (it goes into the manifest as the artifact's own words)."""
+def ignore_for(ctx, explicit: list[str] | None) -> list[str]:
+    """The target's ignore list in llm-compressor syntax (None: the architecture table's defaults)."""
+    return llmcompressor_ignore(resolve_ignore(explicit, ctx.architecture))
+
+
+def _count_expert_inputs(model) -> tuple[dict[str, int], list]:
+    """Forward pre-hooks on every linearized expert projection: name -> tokens that entered it."""
+    import torch
+    from llmcompressor.modeling.moe.linearize import get_linearized_moes
+
+    counts: dict[str, int] = {}
+    hooks = []
+    for moe_name, experts in get_linearized_moes(model):
+        for name, mod in experts.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                key = f"{moe_name}.{name}"
+                counts[key] = 0
+
+                def hook(_m, args, kwargs, key=key):
+                    x = args[0] if args else next(iter(kwargs.values()))  # AWQ replays calls as kwargs
+                    counts[key] += x.reshape(-1, x.shape[-1]).shape[0]
+                hooks.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+    return counts, hooks
+
+
+def expert_coverage(counts: dict[str, int]) -> dict:
+    experts = {k.rsplit(".", 1)[0] for k in counts}
+    return {"experts": len(experts), "expert_projections": len(counts),
+            "min_inputs_per_projection": min(counts.values()), "uncalibrated": sorted(k for k, v in counts.items()
+                                                                                       if v == 0)}
+
+
+def run_oneshot(ctx, modifiers: list, out_dir: Path, *, calibrate: bool) -> tuple[dict, dict]:
+    """Quantize the model with `modifiers`, save compressed to out_dir. Returns the quantization_config written
+    to config.json (it goes into the manifest as the artifact's own words) and extra manifest info
+    (`expert_calibration` for MoE models)."""
     quiet_llmcompressor()
-    if not calibrate and model_free_capable(modifiers):
-        return run_model_free(ctx, modifiers[0].resolve_quantization_config(), out_dir)
-    if calibrate and ctx.placement.gpus > 1:
+    moe = ctx.architecture.moe
+    if not calibrate and not moe and model_free_capable(modifiers):
+        run_model_free(ctx, modifiers[0].resolve_quantization_config(), out_dir)
+        return _finish(ctx, out_dir), {}
+    if calibrate and ctx.placement.gpus > 1 and not moe:
         from quantkit.distributed import run_distributed
 
         run_distributed(ctx, modifiers, out_dir)
-        return _finish(ctx, out_dir)
+        return _finish(ctx, out_dir), {}
     from llmcompressor import oneshot
 
     model = ctx.load_model("layerwise")
-    kwargs = {}
-    if calibrate:
-        kwargs = ctx.oneshot_calibration_kwargs()
     ctx.devices["calibration" if calibrate else "quantize"] = ctx.devices.pop("layerwise")
-    oneshot(model=model, recipe=modifiers, tokenizer=ctx.tokenizer, **kwargs)
+    kwargs = {}
+    counts, hooks = {}, []
+    if moe:
+        from llmcompressor.modeling.moe.linearize import linearize_moe
+
+        linearize_moe(model)
+        if calibrate:
+            counts, hooks = _count_expert_inputs(model)
+    if calibrate:
+        kwargs = dict(ctx.oneshot_calibration_kwargs(), moe_calibrate_all_experts=True)
+    try:
+        oneshot(model=model, recipe=modifiers, tokenizer=ctx.tokenizer, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    coverage = expert_coverage(counts) if counts else None
+    if coverage and coverage["uncalibrated"]:
+        raise UserError(f"{len(coverage['uncalibrated'])} expert projections saw no calibration tokens "
+                        f"(first: {coverage['uncalibrated'][0]})", fix="use more calibration samples")
     model.save_pretrained(out_dir, save_compressed=True)
     ctx.tokenizer.save_pretrained(out_dir)
     release_session()
     del model
-    write_unquantized_in(out_dir, storage_dtype(ctx))  # embeddings, norms, lm_head: the source's dtype
-    return _finish(ctx, out_dir)
+    return _finish(ctx, out_dir), ({"expert_calibration": coverage} if coverage else {})
 
 
 def release_session() -> None:
@@ -82,8 +139,10 @@ def non_linear_weights(meta_model) -> list[str]:
                                                                                 torch.Tensor))
 
 
-def run_model_free(ctx, config, out_dir: Path) -> dict:
+def run_model_free(ctx, config, out_dir: Path) -> None:
     from llmcompressor import model_free_ptq
+
+    from quantkit.sanity import RANDOM_WEIGHTS_MARKER
 
     pl = ctx.placement
     device = "cuda:0" if pl.on_gpu else "cpu"
@@ -93,7 +152,6 @@ def run_model_free(ctx, config, out_dir: Path) -> dict:
     config = config.model_copy(update={"ignore": ignore, "config_groups": groups})
     ctx.devices["quantize"] = f"llm-compressor model-free (shard by shard, no model built) on {pl.compute}"
     model_free_ptq(str(ctx.source.path), str(out_dir), config=config, device=device, max_workers=1)
-    for extra in ("quantkit-import.json", "quantkit-dummy.json"):  # source bookkeeping, not the artifact's
+    for extra in ("quantkit-import.json", "quantkit-dummy.json", RANDOM_WEIGHTS_MARKER):  # the source's
         (out_dir / extra).unlink(missing_ok=True)
     ctx.tokenizer.save_pretrained(out_dir)
-    return _finish(ctx, out_dir)

@@ -78,6 +78,10 @@ def resolve_dummy(spec, base_dir: Path | None = None):
         _materialize(config, out, device)
         (out / "quantkit-dummy.json").write_text(json.dumps({"origin": origin, "device": device,
                                                               "generator": GENERATOR}, indent=1))
+    from quantkit.sanity import RANDOM_WEIGHTS_MARKER
+
+    if not (out / RANDOM_WEIGHTS_MARKER).exists():  # the baseline sanity check skips declared random weights
+        (out / RANDOM_WEIGHTS_MARKER).write_text(json.dumps({"made_by": f"quantkit dummy source ({origin})"}))
     return ModelSource(uri=spec.source, kind="dummy", path=out, revision=None, fingerprint=fingerprint)
 
 

@@ -56,7 +56,9 @@ def main() -> int:
             max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
     model.save_pretrained(a.out, save_compressed=True)
     wall = time.perf_counter() - t0
-    rec = {"direct": a.kind, "produce_s": round(wall, 2), "samples": ids.shape[0], "seq_len": ids.shape[1]}
+    hwm = next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+    rec = {"direct": a.kind, "produce_s": round(wall, 2), "samples": ids.shape[0], "seq_len": ids.shape[1],
+           "vmhwm": hwm}
     if torch.cuda.is_available():
         rec["gpu_peak_allocated"] = torch.cuda.max_memory_allocated()
     print(json.dumps(rec), file=sys.stderr)

@@ -136,12 +136,12 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
         wants = wanted(ctx)
     try:
         todo = [p for p in plans if not st.has(p.artifact_id)]
-        if progress:
-            progress.planned(ctx, plans, {p.artifact_id for p in plans} - {p.artifact_id for p in todo})
         if any(p.fmt.name != BASELINE for p in todo):  # decided before any work: bad offload/gpus fail first
             console.print(f"placement: {ctx.placement.describe()}", highlight=False)
             for note in ctx.placement.notes:
                 console.print(f"  {note}", highlight=False)
+        if progress:
+            progress.planned(ctx, plans, {p.artifact_id for p in plans} - {p.artifact_id for p in todo})
         if todo:
             with _stage(result, "baseline sanity check"):
                 sanity = _sanity(ctx, no_sanity_check, console)

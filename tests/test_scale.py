@@ -166,7 +166,7 @@ def test_distributed_launcher_two_ranks_matches_one_process(tmp_path):
     from quantkit.recipe.loader import load_recipe
     from quantkit.sources.resolve import resolve_source
 
-    cfg = _tiny_config(tmp_path)
+    cfg = _tiny_config(tmp_path, 128, 256)  # W4A16's group of 128 divides every in_features
     recipe = _recipe(tmp_path, f'{{source: "dummy:{cfg}", dtype: float32}}', "  - {name: g, format: gptq}",
                      calib="{num_samples: 8, seq_len: 64}")
     loaded = load_recipe(recipe)

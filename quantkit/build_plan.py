@@ -120,7 +120,8 @@ def plan_build(arch: Arch, profiles: list[tuple[str, tuple[str, str] | None]], *
             per_layer = k["time_factor"] * (fwd * k.get("forward_passes", 1) + hess + solve) / calib_procs ** \
                 k.get("gpu_scaling", 0.9)
             secs = per_layer * arch.layers + c["fixed_s"] + weights / (c["load_gb_s"] * GB)
-            hessians = 4 * sum(i * i for i, _ in arch.linears()) if k.get("hessian") else 0
+            # fp32 Hessians per linear; GPTQ's solve holds a second (inverse) copy of the one it works on
+            hessians = 4 * sum(i * i for i, _ in arch.linears()) * k.get("hessian_copies", 1) if k.get("hessian") else 0
             layer_gpu = arch.layer_params * dtype_bytes + hessians
             # the first subgraph onloads the embedding, the last the lm_head with one sample's fp32 logits
             embed_gpu = arch.vocab * arch.hidden * dtype_bytes + 6 * seq_len * arch.vocab

@@ -4,8 +4,8 @@ its own VmHWM (scripts/build_peak.py).
 1. `four`: a 4-target build (model-free FP8 and W8A16, GPTQ W4, SmoothQuant+GPTQ W8A8) of a random fp32 model of
    a few GB, against the same build with quantkit at OLD_REF (a deep copy per target) when --old is given;
    the fixed overhead is the same build on a ~0 MB model.
-2. `model-free`: FP8-dynamic of a bf16 model several times larger than the peak RSS it takes (model-free path,
-   one checkpoint shard at a time).
+2. `model-free`: FP8-dynamic of a 5.8 GB bf16 model (256 MiB shards) in a cgroup whose memory limit is a third
+   of the model's bytes (model-free path, one checkpoint shard at a time).
 
     python scripts/bench_scale.py --out docs/benchmarks/cpu-scale [--old /path/to/old/checkout] [--only four]
 """
@@ -43,6 +43,41 @@ def materialize(cfg: Path, dtype: str, shard_mb: int | None = None) -> Path:
     if shard_mb:
         dummy.SHARD_BYTES = shard_mb * 2**20
     return dummy.resolve_dummy(ModelSpec(source=f"dummy:{cfg}", dtype=dtype)).path
+
+
+def reshard(src: Path, dst: Path, mb: int) -> Path:
+    """The same checkpoint in shards of at most `mb` MiB (one tensor at a time: bounded memory)."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if (dst / "model.safetensors.index.json").exists():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if not f.name.endswith((".safetensors", ".index.json")):
+            shutil.copyfile(f, dst / f.name)
+    shard, size, n, weight_map = {}, 0, 0, {}
+
+    def flush():
+        nonlocal shard, size, n
+        if shard:
+            n += 1
+            save_file(shard, str(dst / f"model-{n:05d}.safetensors"), metadata={"format": "pt"})
+            weight_map.update({k: f"model-{n:05d}.safetensors" for k in shard})
+            shard, size = {}, 0
+    for f in sorted(src.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                t = st.get_tensor(k)
+                if size and size + t.nbytes > mb * 2**20:
+                    flush()
+                shard[k] = t
+                size += t.nbytes
+    flush()
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
 
 
 def build(work: Path, name: str, model_dir: Path, dtype: str, targets: str, pythonpath: Path) -> dict:
@@ -95,12 +130,24 @@ def main() -> int:
         cfg = arch(work, "wide", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                    num_key_value_heads=8, head_dim=128, num_hidden_layers=12, vocab_size=32000,
                    tie_word_embeddings=False)
-        model = materialize(cfg, "bfloat16", shard_mb=512)
-        run = build(work, "model-free", model, "bfloat16", "  - {name: fp8-dynamic, format: fp8, scheme: dynamic}",
-                    ROOT)
+        model = reshard(materialize(cfg, "bfloat16", shard_mb=512), work / "wide-256mb", 256)
         mb = weights_bytes(model)
+        limit = mb // 3  # the process gets a third of the model's bytes (cgroup v1 memory limit, page cache included)
+        cg = Path("/sys/fs/cgroup/memory/quantkit-bench-scale")
+        cg.mkdir(exist_ok=True)
+        (cg / "memory.limit_in_bytes").write_text(str(limit))
+        (cg / "cgroup.procs").write_text(str(os.getpid()))  # children inherit it
+        try:
+            run = build(work, "model-free", model, "bfloat16", "  - {name: fp8-dynamic, format: fp8, scheme: dynamic}",
+                        ROOT)
+        finally:
+            Path("/sys/fs/cgroup/memory/cgroup.procs").write_text(str(os.getpid()))
+            failcnt = int((cg / "memory.failcnt").read_text())
+            max_usage = int((cg / "memory.max_usage_in_bytes").read_text())
+            cg.rmdir()
         res["model_free"] = {"model_bytes": mb, "shards": len(list(model.glob("*.safetensors"))), "run": run,
-                             "peak_x_model": round(run["vmhwm"] / mb, 3)}
+                             "cgroup_memory_limit": limit, "cgroup_max_usage": max_usage,
+                             "cgroup_failcnt": failcnt, "peak_x_model": round(run["vmhwm"] / mb, 3)}
         print(json.dumps(res["model_free"]), flush=True)
     (a.out / "results.json").write_text(json.dumps(res, indent=1))
     return 0

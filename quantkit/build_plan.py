@@ -125,7 +125,8 @@ def plan_build(arch: Arch, profiles: list[tuple[str, tuple[str, str] | None]], *
             layer_gpu = arch.layer_params * dtype_bytes + hessians
             # the first subgraph onloads the embedding, the last the lm_head with one sample's fp32 logits
             embed_gpu = arch.vocab * arch.hidden * dtype_bytes + 6 * seq_len * arch.vocab
-            acts = k["act_bytes_per_token_width"] * seq_len * (arch.hidden + arch.intermediate)
+            # per calibration sample held (AWQ caches the whole set): data-parallel ranks each hold their share
+            acts = k["act_bytes_per_token_width"] * seq_len * (arch.hidden + arch.intermediate) / calib_procs
             gpu_need = max(layer_gpu, embed_gpu) + acts + c["cuda_context_gb"] * GB
             host = base + weights + acts_cache
             where = "host RAM"

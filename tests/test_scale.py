@@ -199,7 +199,7 @@ def test_plan_builds_offline_for_one_h200_and_eight_h100(recipe):
         build = json.loads(r.stdout)["build"]
         assert build and all(b["fits"] and b["minutes"] > 0 for b in build)
         awq = next(b for b in build if b["algorithm"] == "awq")
-        assert awq["how"] == "layerwise" and 0 < awq["gpu_gb"] < 80
+        assert awq["how"] == "layerwise" and 0 < awq["gpu_gb"] < (141 if gpu == "H200" else 80)
         if "70b" in recipe and gpus == 1:
             assert awq["weights"] == "disk (offloaded)"  # 141 GB of bf16 weights > 128 GB of host RAM
 

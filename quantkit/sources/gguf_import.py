@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -57,6 +58,9 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
     gguf_path = Path(gguf_path).resolve()
     if not gguf_path.is_file():
         raise UserError(f"GGUF file not found: {gguf_path}")
+    with open(gguf_path, "rb") as f:
+        if f.read(4) != b"GGUF":  # checked here: the readers below fail on other files with deep tracebacks
+            raise UserError(f"{gguf_path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         raise UserError(f"{out_dir} already holds a model", fix="choose an empty OUT_DIR or delete it")
@@ -67,9 +71,14 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=out_dir.parent))
     try:
         kw = dict(gguf_file=gguf_path.name, trust_remote_code=False)
-        with refuse_remote_code():  # a GGUF holds no Python; files beside it must not bring any in
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+        try:
+            with refuse_remote_code():  # a GGUF holds no Python; files beside it must not bring any in
+                tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+                model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+        except (ValueError, KeyError, EOFError, struct.error) as e:  # a truncated or unsupported GGUF
+            raise UserError(f"cannot import {gguf_path}: {type(e).__name__}: {str(e)[:300]}",
+                            fix="check the file (truncated download?) and that transformers supports its "
+                                "architecture") from None
         before = tokenizer(CHECK_TEXT)["input_ids"]
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
@@ -77,7 +86,7 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         if _gguf_tokenizer_model(gguf_path) == "gpt2":
             _fix_bpe_tokenizer(tmp, model.config.eos_token_id)
-            after = AutoTokenizer.from_pretrained(tmp)(CHECK_TEXT)["input_ids"]
+            after = AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)(CHECK_TEXT)["input_ids"]
             if after != before:
                 raise RuntimeError("tokenizer fix changed token ids; refusing to write the import")
         del model  # the check loads each engine in turn: never two copies of the weights

@@ -20,11 +20,17 @@ SEQ_LEN, WINDOWS = 256, 4
 
 
 def _fields(path: Path) -> dict:
+    import struct
+
     from gguf import GGUFReader
 
-    r = GGUFReader(str(path))
-    arch = r.fields["general.architecture"].contents()
-    experts = r.fields.get(f"{arch}.expert_count")
+    try:
+        r = GGUFReader(str(path))
+        arch = r.fields["general.architecture"].contents()
+        experts = r.fields.get(f"{arch}.expert_count")
+    except (ValueError, KeyError, EOFError, IndexError, struct.error) as e:  # truncated or malformed
+        raise UserError(f"cannot import {path}: {type(e).__name__}: {str(e)[:300]}",
+                        fix="check the file (truncated download?)") from None
     return {"arch": arch, "expert_count": int(experts.contents()) if experts else 0}
 
 

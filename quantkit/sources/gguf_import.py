@@ -74,8 +74,11 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
         try:
             with refuse_remote_code():  # a GGUF holds no Python; files beside it must not bring any in
                 tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-                model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
-        except (ValueError, KeyError, EOFError, struct.error) as e:  # a truncated or unsupported GGUF
+                # transformers' GGUF config mapping drops `attention.key_length`; models whose head_dim is not
+                # hidden/heads (Qwen3, Gemma 3) then get the default and every attention weight mismatches
+                extra = {"head_dim": facts["head_dim"]} if facts.get("head_dim") else {}
+                model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw, **extra)
+        except (ValueError, KeyError, EOFError, RuntimeError, struct.error) as e:  # truncated or unsupported
             raise UserError(f"cannot import {gguf_path}: {type(e).__name__}: {str(e)[:300]}",
                             fix="check the file (truncated download?) and that transformers supports its "
                                 "architecture") from None

@@ -131,7 +131,10 @@ class LlamaCppEngine:
     def describe(self, handle: Loaded) -> dict:
         return {"engine": "llama.cpp", "device": "cuda" if _gpu_layers() else "cpu",
                 "dtype": gguf_file_type(handle.path), "threads": handle.threads,
-                "versions": {**library_versions(), "llama.cpp": toolchain.LLAMA_CPP_PYTHON_VERSION}}
+                # the sdist's vendored llama.cpp has no git metadata (llama-bench says commit "unknown"): the pin is
+                # the version
+                "versions": {**library_versions(),
+                             "llama.cpp": f"vendored in llama-cpp-python {toolchain.LLAMA_CPP_PYTHON_VERSION}"}}
 
 
 def gguf_file_type(path: Path) -> str:

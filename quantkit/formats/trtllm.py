@@ -61,7 +61,8 @@ class TRTLLMOptions(TargetOptions):
     scheme: Literal["fp8", "int4_awq", "w4a8_awq", "int8_sq", "nvfp4"] = "fp8"
     kv_cache: Literal["fp8"] | None = None
     group_size: int | None = Field(None, gt=0, le=MAX_GROUP)  # int4 schemes; default 128 (must divide every in_features)
-    ignore: Patterns = Field(default_factory=lambda: ["lm_head"])  # module-name globs left unquantized
+    # module-name globs left unquantized; None: the architecture's defaults (quantkit/architectures.py)
+    ignore: Patterns | None = None
     # AWQ schemes: ModelOpt's awq_lite tries alpha = 0, step, 2*step, ... 1 per layer (default step 0.1, 11 tries);
     # a coarser step is proportionally cheaper to calibrate
     awq_alpha_step: float | None = Field(None, gt=0, le=1)
@@ -106,7 +107,8 @@ class TRTLLM(Format):
     cost = (5.0, 10.0, 45.0)  # calibration, then 2-3 verification perplexity passes (see produce)
 
     def estimate_s(self, opts: TRTLLMOptions, **sizes) -> float:
-        awq_search = 200.0 * sizes["params"] / 1e8 * sizes["calib_tokens"] / 1e4  # awq_lite's alpha grid
+        tries = round(1 / (opts.awq_alpha_step or 0.1)) + 1  # awq_lite's alpha grid, 11 points by default
+        awq_search = 200.0 * sizes["params"] / 1e8 * sizes["calib_tokens"] / 1e4 * tries / 11
         return super().estimate_s(opts, **sizes) + (awq_search if "awq" in opts.scheme else 0.0)
 
     def needs_calibration(self, opts: TRTLLMOptions) -> bool:
@@ -122,6 +124,7 @@ class TRTLLM(Format):
         import torch
 
         scheme = SCHEMES[opts.scheme]
+        opts = opts.model_copy(update={"ignore": _ignore_globs(ctx, opts.ignore)})
         _preflight(ctx, opts, scheme)
         mtq, export_hf_checkpoint, resmooth = _import_modelopt()
         info = {"scheme": opts.scheme, "quant_algo": scheme.quant_algo, "group_size": _group(opts),
@@ -186,6 +189,15 @@ def _preflight(ctx, opts: TRTLLMOptions, scheme: Scheme) -> None:
             raise UserError(f"trtllm {opts.name}: group_size {group} does not divide in_features {bad[0][1]} of "
                             f"{bad[0][0]} (ModelOpt cannot export partial int4 blocks)",
                             fix=f"set group_size: {ok[0]}" if ok else "set a group_size that divides in_features")
+
+
+def _ignore_globs(ctx, explicit: list[str] | None) -> list[str]:
+    """The recipe's globs, or the architecture table's regexes as the concrete module names they select."""
+    from quantkit.architectures import matching_modules
+
+    if explicit is not None:
+        return list(explicit)
+    return matching_modules(ctx.base_model, list(ctx.architecture.ignore))
 
 
 def _ignored(name: str, patterns: list[str]) -> bool:

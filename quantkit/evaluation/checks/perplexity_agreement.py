@@ -19,7 +19,8 @@ def perplexity_agrees(subject: Subject, *, expected_ppl: float, rel_tol: float, 
 
         ctx = subject.ctx
         engine = get_engine(subject.engine)
-        handle = engine.load(subject.path, subject.entry, dtype=ctx.recipe.model.dtype)
+        handle = engine.load(subject.path, subject.entry, dtype=ctx.recipe.model.dtype,
+                             trust_remote_code=ctx.recipe.model.trust_remote_code)
         windows = make_windows(dataset, ctx.tokenizer, ctx.tokenizer_fingerprint, seq_len, max_windows)
         ppl = ctx.recipe.eval.perplexity
         rec = perplexity(engine, handle, windows, batch_size=ppl.batch_size if ppl else 1)

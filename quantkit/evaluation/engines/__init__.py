@@ -73,3 +73,15 @@ def get_engine(name: str):
 def engine_names() -> list[str]:
     _discover()
     return sorted(_ENGINES)
+
+
+def speed_engine(name: str):
+    """The engine that times an artifact whose own engine is `name`: a registered engine that declares it
+    `serves` that engine and is `available()` on this host (torch-compiled on a CUDA host, for HF,
+    compressed-tensors and ModelOpt artifacts) before the artifact's own engine; None if neither can time it."""
+    _discover()
+    for engine in _ENGINES.values():
+        if name in getattr(engine, "serves", ()) and engine.available():
+            return engine
+    own = get_engine(name)
+    return own if hasattr(own, "throughput") else None

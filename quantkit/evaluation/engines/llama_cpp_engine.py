@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from quantkit.evaluation.engines import register_engine
+from quantkit.evaluation.latency import ttft_summary
 from quantkit.toolchain import llama_cpp as toolchain
 from quantkit.toolchain.llama_cpp import default_threads
 from quantkit.util import library_versions
@@ -78,7 +79,8 @@ def build_info() -> dict:
 class LlamaCppEngine:
     name = "llama.cpp"
 
-    def load(self, path: Path, entry: str = ".", dtype: str = "auto") -> Loaded:
+    def load(self, path: Path, entry: str = ".", dtype: str = "auto", trust_remote_code: bool = False) -> Loaded:
+        # a GGUF file holds no Python: nothing to trust (the flag is accepted like every engine's)
         p = Path(path) / entry
         if not p.is_file():
             raise FileNotFoundError(f"no GGUF file at {p}")
@@ -113,7 +115,8 @@ class LlamaCppEngine:
         pp = next(t for t in tests if t["n_prompt"] and not t["n_gen"])
         tg = next(t for t in tests if t["n_gen"] and not t["n_prompt"])
         one = {"prefill_tok_s": round(pp["avg_ts"], 1), "decode_tok_s": round(tg["avg_ts"], 2),
-               "ttft_p50_s": round(spec.prompt_len / pp["avg_ts"], 4),
+               # llama-bench's pp test is the prompt alone: its time is the time to first token
+               **ttft_summary([spec.prompt_len / t for t in pp.get("samples_ts") or [pp["avg_ts"]]]),
                "prefill_stddev_tok_s": round(pp["stddev_ts"], 1), "decode_stddev_tok_s": round(tg["stddev_ts"], 2),
                "prefill_samples_tok_s": pp.get("samples_ts"), "decode_samples_tok_s": tg.get("samples_ts")}
         device = f"cuda:{pp['gpu_info']}" if ngl and pp.get("gpu_info") else "cpu"

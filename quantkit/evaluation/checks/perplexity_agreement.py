@@ -16,11 +16,11 @@ def perplexity_agrees(subject: Subject, *, expected_ppl: float, rel_tol: float, 
     if not rec or rec.get("key") != key:  # the recipe measured other windows (or none): measure these
         from quantkit.evaluation.engines import get_engine
         from quantkit.evaluation.perplexity import make_windows, perplexity
+        from quantkit.evaluation.run import _load
 
         ctx = subject.ctx
         engine = get_engine(subject.engine)
-        handle = engine.load(subject.path, subject.entry, dtype=ctx.recipe.model.dtype,
-                             trust_remote_code=ctx.recipe.model.trust_remote_code)
+        handle = _load(ctx, engine, subject.path, subject.entry)  # the recipe's remote-code switch holds here too
         windows = make_windows(dataset, ctx.tokenizer, ctx.tokenizer_fingerprint, seq_len, max_windows)
         ppl = ctx.recipe.eval.perplexity
         rec = perplexity(engine, handle, windows, batch_size=ppl.batch_size if ppl else 1)

@@ -90,7 +90,7 @@ def test_variants_and_manifests(built):
         if m["engine"] != "llama.cpp":
             continue
         met = m["metrics"]["perplexity"]["wikitext2"]
-        assert met["engine"] == "llama.cpp" and met["windows"] == 8 and met["protocol"] == "gptq-concat/1"
+        assert met["engine"] == "llama.cpp" and met["windows"] == 8 and met["protocol"] == "gptq-concat/2"
         info = m["info"]
         lp = info["llama_cpp_perplexity"]
         assert lp["chunks"] == 8 and lp["n_ctx"] == 512 and lp["tokens_scored"] == 8 * 255 and lp["ppl"] > 1

@@ -12,15 +12,18 @@ SMOLLM2_VERSION := 0.1.2
 SMOLLM2_GGUF := SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_MODEL := models/smollm2-135m-instruct
 
-.PHONY: setup model demo test clean-store help
+.PHONY: setup model demo test check clean-store help
 help:
 	@echo "make demo   - install everything, import the offline model, build recipes/smollm2-135m-demo.yaml"
 	@echo "make test   - install everything and run the test suite"
+	@echo "make check  - the fast lane: every test that needs neither the real model nor heavy quantization"
 
 # The venv is keyed on pyproject.toml: torch first from the CPU wheel on disk (a plain `torch` requirement
-# would pull a multi-GB CUDA build), then the project with that torch held fixed, then llama.cpp's tools and
-# llama-cpp-python, built once per version and cached under $(QUANTKIT_CACHE).
-$(BIN)/.installed: pyproject.toml scripts/setup_llama_cpp.sh
+# would pull a multi-GB CUDA build), then the project with that torch held fixed, then llama.cpp: ONE CMake build
+# per version and build options gives the tools and the libraries llama-cpp-python loads (its Python package is
+# installed without compiling), cached under $(QUANTKIT_CACHE)/llama.cpp/. A CUDA build on a GPU host:
+# `scripts/setup_llama_cpp.sh .venv cuda`.
+$(BIN)/.installed: pyproject.toml scripts/setup_llama_cpp.sh quantkit/toolchain/llama_cpp.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
@@ -43,11 +46,16 @@ $(DEMO_MODEL)/config.json: | $(BIN)/.installed
 
 model: $(DEMO_MODEL)/config.json
 
+# Library progress bars off: the build prints one line per finished artifact (its table row and the time left).
 demo: setup model
-	$(BIN)/quantkit build recipes/smollm2-135m-demo.yaml
+	TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 $(BIN)/quantkit build recipes/smollm2-135m-demo.yaml
 
 test: setup model
 	$(BIN)/python -m pytest -q
+
+# The inner loop (< 3 min on 2 cores): deselects `slow` (see tests/conftest.py for the marker rule).
+check: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean-store:
 	rm -rf model-store reports

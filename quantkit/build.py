@@ -44,6 +44,7 @@ class Plan:
     artifact_id: str
     target: str = ""  # the recipe target it comes from (GGUF variants: `gguf` for `gguf-q4_k_m`); gates by it
     key_inputs: dict = field(default_factory=dict)  # what `key` hashes (recorded in the manifest's `build`)
+    sanity: dict | None = None  # the baseline sanity check (or why it was skipped), recorded in the manifest
 
 
 def key_inputs(ctx: BuildContext, fmt: Format, opts: TargetOptions) -> dict:
@@ -81,6 +82,13 @@ def _plans(ctx: BuildContext, only: list[str] | None) -> list[Plan]:
     for name in only or ():
         if name not in names:
             raise UserError(f"--target {name!r} is not in recipe {ctx.recipe.name}; targets: {', '.join(names)}")
+    from quantkit.architectures import read_config, target_problems
+
+    problems = target_problems(read_config(ctx.source.path), [t for t in targets
+                                                              if only is None or t.name in only])
+    if problems:  # before any work: one line naming the target, the architecture and what is missing
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more, fix="drop the target, or use a format that supports it")
     plans = []
     for t in targets:
         fmt = get_format(t.format)
@@ -95,16 +103,26 @@ def _plans(ctx: BuildContext, only: list[str] | None) -> list[Plan]:
 
 @contextlib.contextmanager
 def _stage(result: BuildResult, name: str):
-    """Time one stage and sample its peak RSS; the records feed scripts/bench_build.py and --json."""
-    t0 = time.perf_counter()
+    """Time one stage and sample its peak RSS; the records feed scripts/bench_build.py and --json. CPU seconds
+    (this process's threads plus finished child tools) say what the stage costs on a shared, loaded host."""
+    t0, c0 = time.perf_counter(), _cpu_s()
     with StagePeak() as peak:
         yield
     result.stages.append({"stage": name, "wall_s": round(time.perf_counter() - t0, 2),
-                          "peak_rss_mb": round(peak.peak, 1)})
+                          "cpu_s": round(_cpu_s() - c0, 2), "peak_rss_mb": round(peak.peak, 1)})
+
+
+def _cpu_s() -> float:
+    import os
+
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, store: str | None = None,
-              console: Console | None = None, executor: str | None = None) -> BuildResult:
+              console: Console | None = None, executor: str | None = None, progress=None,
+              no_sanity_check: bool = False) -> BuildResult:
+    """`progress` (quantkit.progress.BuildProgress or alike) hears `planned` once and `finished` per artifact."""
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
     result = BuildResult(manifests=[])
@@ -118,9 +136,16 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
         wants = wanted(ctx)
     try:
         todo = [p for p in plans if not st.has(p.artifact_id)]
+        if progress:
+            progress.planned(ctx, plans, {p.artifact_id for p in plans} - {p.artifact_id for p in todo})
         if runner.in_process and any(p.fmt.name != BASELINE for p in todo):
             with _stage(result, "load model (once)"):
                 ctx.base_model  # noqa: B018 - loaded here so its cost is not charged to the first target
+        if todo:
+            with _stage(result, "baseline sanity check"):
+                sanity = _sanity(ctx, no_sanity_check, console)
+            for p in plans:
+                p.sanity = sanity
         if any(p.fmt.needs_calibration(p.opts) for p in todo):
             with _stage(result, "calibration set (once)"):
                 console.print(f"calibration: {ctx.calibration.meta['num_samples']} x "
@@ -131,7 +156,7 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
             if st.has(plan.artifact_id):
                 manifest = st.get(plan.artifact_id)
                 have = have_keys(manifest.get("metrics", {}))
-                missing = measurable(manifest["engine"], [w for w in wants if w.key not in have])
+                missing = [w for w in measurable(manifest["engine"], wants) if w.key not in have]
                 if missing:
                     console.print(f"[bold]{plan.opts.name}[/]: in store, measuring "
                                   f"{', '.join(w.name for w in missing)}")
@@ -141,16 +166,19 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
                     manifest = st.get(plan.artifact_id)
                 result.cached.append(plan.artifact_id)
                 result.manifests.append(manifest)
+                progress and progress.finished(manifest)
                 continue
             if plan.fmt.name != BASELINE:  # targets go to the executor; the baseline first, here
                 queued.append(plan)
                 continue
             result.manifests.append(_build_one(ctx, st, plan, wants, console, result))
             result.built.append(plan.artifact_id)
+            progress and progress.finished(result.manifests[-1])
         for plan, manifest, stages in runner.run(ctx, st, queued, wants, console, result.manifests):
             result.manifests.append(manifest)
             result.built.append(plan.artifact_id)
             result.stages += stages
+            progress and progress.finished(manifest)
         # executors may finish in any order, and a Ray worker may re-key its plan (another dtype or device)
         order = {p.opts.name: i for i, p in enumerate(plans)}
         result.manifests.sort(key=lambda m: order[m["target"]["name"]])
@@ -161,6 +189,20 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
     result.stages.append({"stage": "total", "wall_s": round(time.perf_counter() - t0, 2),
                           "peak_rss_mb": round(peak_rss_mb(), 1)})
     return result
+
+
+def _sanity(ctx: BuildContext, flag: bool, console: Console) -> dict:
+    """Stop before any target is built when the baseline is not a working model (quantkit/sanity.py)."""
+    from quantkit.sanity import check_baseline, skip_reason
+
+    why = skip_reason(ctx.source.path, ctx.recipe.model.sanity_check, flag)
+    if why:
+        console.print(f"baseline sanity check skipped: {why}", highlight=False)
+        return {"status": "skipped", "reason": why}
+    rec = check_baseline(ctx)
+    console.print(f"baseline sanity check: ppl {rec['ppl']:.1f} (limit {rec['ppl_limit']:.0f}), "
+                  f"{rec['probes_right']}/{len(rec['probes'])} continuations right", highlight=False)
+    return rec
 
 
 def _artifact_path(ctx: BuildContext, st: Store, manifest: dict, workdir: Path) -> tuple[Path, str]:
@@ -197,6 +239,7 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
         "entry": produced.entry,
         "source": ctx.source.as_dict(),
         "calibration": ctx.calibration.meta if needs_calib else None,
+        "sanity": plan.sanity,
         "versions": library_versions(),
         "info": produced.info,
         "metrics": metrics,

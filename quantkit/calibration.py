@@ -82,8 +82,8 @@ def _read_file(path: Path, text_field: str) -> list[str]:
     for n, r in enumerate(rows, 1):
         if not isinstance(r, dict) or not isinstance(r.get(text_field), str):
             fields = ", ".join(map(str, r)) if isinstance(r, dict) else type(r).__name__
-            raise UserError(f"row {n} has no text field {text_field!r} (it has: {fields[:200]})", where=f"{path}:{n}",
-                            fix="set calibration.text_field")
+            raise UserError(f"row {n} has no field {text_field!r} holding text (it has: {fields[:200]})",
+                            where=f"{path}:{n}", fix="set calibration.text_field")
     return [r[text_field] for r in rows]
 
 

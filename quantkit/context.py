@@ -32,6 +32,20 @@ class BuildContext:
         return AutoTokenizer.from_pretrained(self.source.path,
                                              trust_remote_code=self.recipe.model.trust_remote_code)
 
+    @property
+    def load_kwargs(self) -> dict:
+        """The recipe's trust_remote_code / allow_pickle, as every from_pretrained of the source takes them."""
+        from quantkit.sources.remote_code import hf_kwargs
+
+        return hf_kwargs(self.recipe.model.trust_remote_code, self.recipe.model.allow_pickle)
+
+    @cached_property
+    def architecture(self):
+        """This model's row of the per-architecture table (quantkit/architectures.py), from config.json."""
+        from quantkit.architectures import for_config, read_config
+
+        return for_config(read_config(self.source.path))
+
     @cached_property
     def torch_dtype(self):
         import torch
@@ -53,9 +67,7 @@ class BuildContext:
         """Loaded once; formats that change weights in place must take `fresh_model()` instead."""
         from transformers import AutoModelForCausalLM
 
-        m = AutoModelForCausalLM.from_pretrained(
-            self.source.path, dtype=self.torch_dtype, trust_remote_code=self.recipe.model.trust_remote_code,
-            use_safetensors=not self.recipe.model.allow_pickle)
+        m = AutoModelForCausalLM.from_pretrained(self.source.path, dtype=self.torch_dtype, **self.load_kwargs)
         m.eval()
         return m
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,8 +20,9 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from loopback_s3 import moto_server  # noqa: E402
 from quantkit.store.store import Store  # noqa: E402
 
 
@@ -44,27 +43,6 @@ def artifact(arg: str | None, size_mb: int, tmp: Path) -> tuple[Path, str]:
     return out, "random bytes"
 
 
-def start_moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(150):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise SystemExit("moto server did not start")
-    url = f"http://127.0.0.1:{port}"
-    os.environ.update({"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    return proc, url
-
-
 def blob_bytes(st: Store) -> int:
     try:
         return sum(i["size"] for i in st.fs.find(st._p("blobs"), detail=True).values())
@@ -74,7 +52,9 @@ def blob_bytes(st: Store) -> int:
 
 def bench(name: str, uri: str, art: Path, tmp: Path) -> dict:
     st = Store(uri)
-    manifest = {"id": "bench.first.1", "recipe": {"name": "bench"}, "target": {"name": "first", "format": "x"}}
+    manifest = {"id": "bench.first.1", "recipe": {"name": "bench"}, "target": {"name": "first", "format": "x"},
+                "source": {"uri": "bench", "fingerprint": "bench"}, "engine": "transformers", "entry": ".",
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "info": {}}
     t0 = time.perf_counter()
     m = st.publish(art, manifest)
     publish_s = time.perf_counter() - t0
@@ -104,18 +84,14 @@ def main() -> None:
     ap.add_argument("--size-mb", type=int, default=500, help="random artifact size when no directory is there")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="quantkit-bench-store-"))
-    moto = None
     try:
         art, label = artifact(args.artifact, args.size_mb, tmp)
         files = [p for p in art.rglob("*") if p.is_file()]
         print(f"artifact: {label}, {len(files)} files, {sum(p.stat().st_size for p in files) / 1e6:.1f} MB")
         rows = [bench("local dir", str(tmp / "store"), art, tmp)]
-        moto, url = start_moto()
-        rows.append(bench(f"S3 (moto {url})", f"s3://bench-{uuid.uuid4().hex[:8]}/store", art, tmp))
+        with moto_server() as url:
+            rows.append(bench(f"S3 (moto {url})", f"s3://bench-{uuid.uuid4().hex[:8]}/store", art, tmp))
     finally:
-        if moto is not None:
-            moto.terminate()
-            moto.wait(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
     head = ["store", "MB", "publish s", "publish MB/s", "pull s", "pull MB/s", "2nd publish s", "2nd adds",
             "dedup saving"]

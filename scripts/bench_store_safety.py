@@ -37,7 +37,7 @@ from hostile_manifests import run_suite  # noqa: E402
 from loopback_s3 import moto_server  # noqa: E402
 from quantkit.store.manifest import BadManifest  # noqa: E402
 from quantkit.store.store import Store  # noqa: E402
-from test_store_backends import SHARED, fake_manifest, make_artifact  # noqa: E402
+from test_store_backends import SHARED, UNIQUE, fake_manifest, make_artifact  # noqa: E402
 
 QK = [sys.executable, "-m", "quantkit.cli"]
 TARGETS = ["baseline", "fp8-dynamic", "int8-w8a16"]
@@ -154,10 +154,11 @@ def publisher_race(rounds: int, tmp: Path) -> dict:
         blobs = sum(v["size"] for v in st.fs.find(st._p("blobs"), detail=True).values())
         row = {"round": r + 1, "publishers": len(jobs), "ids": len(want), "failed_publishers": failed,
                "lost": lost, "corrupt": corrupt, "wall_s": round(wall, 2), "blob_bytes": blobs,
+               "blob_bytes_if_deduped": sum(SHARED.values()) + len(want) * sum(UNIQUE.values()),
                "errors": [e[-300:] for _, e in results if e.strip()][:2]}
         out.append(row)
         print("[race] " + json.dumps(row), flush=True)
-    return {"rounds": out, "shared_bytes": sum(SHARED.values())}
+    return {"rounds": out}
 
 
 def hostile(kind: str, tmp: Path) -> dict:
@@ -173,6 +174,38 @@ def hostile(kind: str, tmp: Path) -> dict:
             "not_refused": sorted({f"{r['case']}/{r['op']}" for r in rs if r["code"] != 2})}
 
 
+def render(res: dict) -> str:
+    """Markdown: the summary lines, then one row per kill trial (what docs/benchmarks/store/ holds)."""
+    out = []
+    for h in res.get("hostile", []):
+        out.append(f"- hostile manifests ({h['store']}): {h['cases']} cases x 5 readers = {h['operations']} operations, "
+                   f"{h['refused']} refused with one line naming the manifest and the problem (exit 2), "
+                   f"**{h['files_written']} files written** anywhere, {h['outside_dir_entries']} in the target of "
+                   "the absolute-path cases")
+    if "race" in res:
+        rs = res["race"]["rounds"]
+        out.append(f"- 8 concurrent publishers x {len(rs)} rounds into S3 (4 ids x 2 publishers, shared files): "
+                   f"**lost {sum(r['lost'] for r in rs)}, corrupt {sum(r['corrupt'] for r in rs)}**, failed "
+                   f"publishers {sum(r['failed_publishers'] for r in rs)}, blob bytes = deduplicated size in "
+                   f"{sum(r['blob_bytes'] == r['blob_bytes_if_deduped'] for r in rs)}/{len(rs)} rounds, wall "
+                   f"{min(r['wall_s'] for r in rs)}-{max(r['wall_s'] for r in rs)} s per round")
+    for k in res.get("kills", []):
+        t = k["trials"]
+        out.append(f"- kill -9 into {k['store']} (clean build {k['reference_build_s']} s): {len(t)} trials, "
+                   f"{sum(x['killed'] for x in t)} killed before the build ended, **partial entries "
+                   f"{sum(x['partial_entries'] for x in t)}**, reruns complete {sum(x['rerun_ok'] for x in t)}/"
+                   f"{len(t)}, `store verify` clean {sum(x['verify_ok'] for x in t)}/{len(t)}")
+    for k in res.get("kills", []):
+        out += ["", f"kill -9 trials, {k['store']} store:", "",
+                "| # | killed at s | where the build was | entries visible | partial | rerun built | rerun s | verify |",
+                "|---|---|---|---|---|---|---|---|"]
+        for i, x in enumerate(k["trials"], 1):
+            out.append(f"| {i} | {x['kill_at_s']}{'' if x['killed'] else ' (had finished)'} | {x['stage']} | "
+                       f"{x['visible_after_kill']} | {x['partial_entries']} | {x['rerun_built']} | {x['rerun_s']} | "
+                       f"{x['verify']} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kills", type=int, default=20, help="kill trials per store kind")
@@ -180,7 +213,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["kills", "race", "hostile"], action="append")
     ap.add_argument("--json", type=Path, help="write all results here")
+    ap.add_argument("--render", type=Path, help="only print the markdown of an earlier --json result")
     args = ap.parse_args()
+    if args.render:
+        print(render(json.loads(args.render.read_text())), end="")
+        return
     only = set(args.only or ["kills", "race", "hostile"])
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="quantkit-bench-safety-"))
@@ -200,19 +237,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
     print()
-    for h in res.get("hostile", []):
-        print(f"hostile manifests ({h['store']}): {h['cases']} cases, {h['operations']} operations, "
-              f"{h['refused']} refused, {h['files_written']} files written, {h['outside_dir_entries']} outside")
-    if "race" in res:
-        rs = res["race"]["rounds"]
-        print(f"8 publishers x {len(rs)} rounds into S3: lost {sum(r['lost'] for r in rs)}, corrupt "
-              f"{sum(r['corrupt'] for r in rs)}, failed publishers {sum(r['failed_publishers'] for r in rs)}, "
-              f"wall {min(r['wall_s'] for r in rs)}-{max(r['wall_s'] for r in rs)} s")
-    for k in res.get("kills", []):
-        t = k["trials"]
-        print(f"kill -9 ({k['store']}, build {k['reference_build_s']} s): {len(t)} trials, "
-              f"{sum(x['killed'] for x in t)} killed mid-build, partial entries {sum(x['partial_entries'] for x in t)}, "
-              f"reruns ok {sum(x['rerun_ok'] for x in t)}/{len(t)}, verify clean {sum(x['verify_ok'] for x in t)}/{len(t)}")
+    print(render(res), end="")
 
 
 if __name__ == "__main__":

@@ -1,36 +1,45 @@
 #!/usr/bin/env bash
 # Set up llama.cpp for quantkit (idempotent; a second run only checks stamps).
 #
-#   scripts/setup_llama_cpp.sh VENV
+#   scripts/setup_llama_cpp.sh VENV [cpu|cuda]
 #
 # 1. Fetches the pinned llama-cpp-python sdist (PyPI has no binary wheel for it).
-# 2. Builds llama.cpp's CLI tools (llama-quantize/-imatrix/-perplexity/-bench) from the
-#    sdist's vendored llama.cpp and installs them, with convert_hf_to_gguf.py and what it
-#    imports, into $QUANTKIT_CACHE/llama.cpp/<ver>/. The Python binding, the tools and the
-#    converter thus all come from one llama.cpp revision.
-# 3. Builds a llama-cpp-python wheel once (cached) and installs it into VENV.
+# 2. ONE CMake build of the sdist's vendored llama.cpp gives the CLI tools
+#    (llama-quantize/-imatrix/-perplexity/-bench) and the shared libraries (libllama, libggml*)
+#    the Python binding loads. Installed with the converter (convert_hf_to_gguf.py and what it
+#    imports) into $QUANTKIT_CACHE/llama.cpp/<ver>-<backend>-<options hash>/{bin,lib}; $ORIGIN
+#    rpaths make the tree relocatable. Key and CMake options come from
+#    quantkit/toolchain/llama_cpp.py (single source of truth).
+# 3. Installs the binding's pure-Python package (a py3-none-any wheel made from the sdist, no
+#    compile) into VENV; quantkit points it at lib/ via LLAMA_CPP_LIB_PATH, and VENV's
+#    llama_cpp/lib links to the same lib/ so a plain `import llama_cpp` works too.
 #
 # Env: QUANTKIT_CACHE (default ~/.cache/quantkit), CMAKE_BUILD_PARALLEL_LEVEL (default nproc).
 # Builds use GGML_NATIVE (-march=native): the cache is meant for this machine only.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# The pin lives in quantkit/toolchain/llama_cpp.py (single source of truth).
-VER="$(sed -n 's/^LLAMA_CPP_PYTHON_VERSION *= *"\([^"]*\)".*/\1/p' "$ROOT/quantkit/toolchain/llama_cpp.py")"
 TOOLS=(llama-quantize llama-imatrix llama-perplexity llama-bench)
 
 log() { printf '[setup_llama_cpp] %s\n' "$*"; }
 die() { printf '[setup_llama_cpp] ERROR: %s\n' "$*" >&2; exit 1; }
 
-[ -n "$VER" ] || die "could not read LLAMA_CPP_PYTHON_VERSION from quantkit/toolchain/llama_cpp.py"
-VENV="${1:?usage: $0 VENV}"
+VENV="${1:?usage: $0 VENV [cpu|cuda]}"
+BACKEND="${2:-cpu}"
 PY="$VENV/bin/python"
 [ -x "$PY" ] || die "no python at $PY (create the venv first)"
 
+SPEC="$(PYTHONPATH="$ROOT" "$PY" -m quantkit.toolchain.llama_cpp build-spec "$BACKEND")" \
+    || die "could not read the build spec from quantkit/toolchain/llama_cpp.py"
+KEY="$(head -n 1 <<<"$SPEC")"
+mapfile -t CMAKE_OPTS < <(tail -n +2 <<<"$SPEC")
+VER="${KEY%%-*}"
+
 CACHE="${QUANTKIT_CACHE:-$HOME/.cache/quantkit}"
 SDIST="$CACHE/sdist/llama_cpp_python-$VER.tar.gz"
-DEST="$CACHE/llama.cpp/$VER"
+DEST="$CACHE/llama.cpp/$KEY"
 STAMP="$DEST/.complete"
+WHEEL="$CACHE/wheels/llama_cpp_python-$VER-py3-none-any.whl"
 JOBS="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
 mkdir -p "$CACHE/sdist" "$CACHE/llama.cpp" "$CACHE/wheels" "$CACHE/logs"
 
@@ -47,7 +56,7 @@ mktmp() { local _mk; _mk="$(mktemp -d "$2")"; CLEANUP+=("$_mk"); printf -v "$1" 
 if command -v flock >/dev/null; then
     exec 9>"$CACHE/.setup_llama_cpp.lock"
     flock 9
-    rm -rf "$CACHE"/sdist/.llama-cpp-dl.* "$CACHE"/llama.cpp/.build-* "$CACHE"/wheels/.llama-cpp-build.*
+    rm -rf "$CACHE"/sdist/.llama-cpp-dl.* "$CACHE"/llama.cpp/.build-* "$CACHE"/wheels/.llama-cpp-whl.*
 fi
 
 # Run a long step quietly into a log file; on failure show its tail.
@@ -80,26 +89,25 @@ need_tool() {
     printf '%s' "$VENV/bin/$1"
 }
 
-build_tools() {
-    if [ -f "$STAMP" ]; then log "llama.cpp tools $VER: present ($DEST)"; return 0; fi
+build_llama_cpp() {
+    if [ -f "$STAMP" ]; then log "llama.cpp $KEY: present ($DEST)"; return 0; fi
     fetch_sdist
     local cmake ninja t0=$SECONDS w src
     cmake="$(need_tool cmake)"; ninja="$(need_tool ninja)"
-    mktmp w "$CACHE/llama.cpp/.build-$VER.XXXXXX"
-    log "building ${TOOLS[*]} from vendored llama.cpp (jobs=$JOBS, a few minutes) ..."
+    mktmp w "$CACHE/llama.cpp/.build-$KEY.XXXXXX"
+    log "building ${TOOLS[*]} + libllama ($BACKEND, jobs=$JOBS, a few minutes) ..."
     tar -xzf "$SDIST" -C "$w" "llama_cpp_python-$VER/vendor/llama.cpp"
     src="$w/llama_cpp_python-$VER/vendor/llama.cpp"
-    # Flags as measured (research/cpu-trials.md Step 5e). LLAMA_CURL is unused by this
-    # llama.cpp revision (cmake warns, harmless); static libs => self-contained binaries.
     run_logged cmake-configure "$cmake" -S "$src" -B "$w/build" -G Ninja -DCMAKE_MAKE_PROGRAM="$ninja" \
-        -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-        -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON -DBUILD_SHARED_LIBS=OFF
-    run_logged cmake-build "$cmake" --build "$w/build" -j "$JOBS" --target "${TOOLS[@]}"
+        "${CMAKE_OPTS[@]}"
+    # The tools link libllama, libggml* and llama-common: one build gives everything.
+    run_logged cmake-build "$cmake" --build "$w/build" -j "$JOBS" --target "${TOOLS[@]}" llama
 
     # Stage the install tree, then rename it into place (never a half-populated $DEST).
     local s="$w/stage" t
-    mkdir -p "$s/bin" "$s/models" "$s/requirements"
+    mkdir -p "$s/bin" "$s/lib" "$s/models" "$s/requirements"
     for t in "${TOOLS[@]}"; do install -m 755 "$w/build/bin/$t" "$s/bin/$t"; done
+    cp -a "$w"/build/bin/lib*.so* "$s/lib/"
     # The converter imports conversion/ and gguf-py/ (sys.path relative to the script), reads
     # chat templates from models/templates/ and two builtin vocabs from models/ (mamba, openelm).
     cp "$src/convert_hf_to_gguf.py" "$src/LICENSE" "$s/"
@@ -108,37 +116,63 @@ build_tools() {
     cp "$src/models/ggml-vocab-gpt-neox.gguf" "$src/models/ggml-vocab-llama-spm.gguf" "$s/models/"
     cp "$src/requirements/requirements-convert_hf_to_gguf.txt" \
        "$src/requirements/requirements-convert_legacy_llama.txt" "$s/requirements/"
-    printf 'llama-cpp-python %s\nbuilt %s on %s\n' "$VER" "$(date -u +%FT%TZ)" "$(uname -m)" >"$s/.complete"
+    printf '%s\n' "${CMAKE_OPTS[@]}" >"$s/cmake-options.txt"
+    "$s/bin/llama-bench" --version >/dev/null 2>&1 || die "built llama-bench does not run (see $CACHE/logs)"
+    printf 'llama-cpp-python %s\nbackend %s\nbuilt %s on %s\n' "$VER" "$BACKEND" "$(date -u +%FT%TZ)" \
+        "$(uname -m)" >"$s/.complete"
     rm -rf "$DEST"   # only a stamp-less leftover can be here
     mv "$s" "$DEST"
-    log "llama.cpp tools $VER: installed in $DEST ($((SECONDS - t0)) s)"
+    log "llama.cpp $KEY: installed in $DEST ($((SECONDS - t0)) s)"
 }
 
-venv_has_version() {
-    "$PY" -c "import sys, llama_cpp; sys.exit(llama_cpp.__version__ != '$VER')" >/dev/null 2>&1
+# The binding's Python package from the sdist as a pure wheel: nothing is compiled, pip still
+# records it (metadata, dependencies, uninstall).
+make_binding_wheel() {
+    [ -f "$WHEEL" ] && return 0
+    fetch_sdist
+    local d
+    mktmp d "$CACHE/wheels/.llama-cpp-whl.XXXXXX"
+    tar -xzf "$SDIST" -C "$d" --exclude="llama_cpp_python-$VER/vendor" \
+        "llama_cpp_python-$VER/llama_cpp" "llama_cpp_python-$VER/PKG-INFO" "llama_cpp_python-$VER/LICENSE.md"
+    "$PY" - "$d/llama_cpp_python-$VER" "$VER" "$d/out.whl" <<'EOF'
+import base64, hashlib, pathlib, sys, zipfile
+src, ver, out = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+info = f"llama_cpp_python-{ver}.dist-info"
+files = {p.relative_to(src).as_posix(): p.read_bytes()
+         for p in sorted((src / "llama_cpp").rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+files[f"{info}/METADATA"] = (src / "PKG-INFO").read_bytes()
+files[f"{info}/licenses/LICENSE.md"] = (src / "LICENSE.md").read_bytes()
+files[f"{info}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: quantkit scripts/setup_llama_cpp.sh\n"
+                          b"Root-Is-Purelib: true\nTag: py3-none-any\n")
+digest = lambda b: "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(b).digest()).rstrip(b"=").decode()
+record = "".join(f"{n},{digest(b)},{len(b)}\n" for n, b in files.items()) + f"{info}/RECORD,,\n"
+with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+    for n, b in files.items():
+        z.writestr(n, b)
+    z.writestr(f"{info}/RECORD", record)
+EOF
+    mv "$d/out.whl" "$WHEEL"
 }
 
 install_python_binding() {
-    if venv_has_version; then log "llama-cpp-python $VER: already in $VENV"; return 0; fi
-    local whl
-    whl="$(ls "$CACHE"/wheels/llama_cpp_python-"$VER"-*.whl 2>/dev/null | head -n 1 || true)"
-    if [ -z "$whl" ]; then
-        fetch_sdist
-        local t0=$SECONDS d
-        mktmp d "$CACHE/wheels/.llama-cpp-build.XXXXXX"
-        log "building llama-cpp-python $VER wheel (jobs=$JOBS, a few minutes) ..."
-        CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" run_logged pip-wheel "$PY" -m pip wheel --no-deps "$SDIST" -w "$d"
-        whl="$(ls "$d"/llama_cpp_python-"$VER"-*.whl)"
-        mv "$whl" "$CACHE/wheels/"
-        whl="$CACHE/wheels/$(basename "$whl")"
-        log "wheel: $whl ($((SECONDS - t0)) s)"
+    local site
+    site="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    if [ "$(readlink "$site/llama_cpp/lib" 2>/dev/null)" = "$DEST/lib" ] && "$PY" -c \
+        "import sys, importlib.metadata as m; sys.exit(m.version('llama_cpp_python') != '$VER')" 2>/dev/null; then
+        log "llama-cpp-python $VER: already in $VENV (libs: $DEST/lib)"; return 0
     fi
-    log "installing $(basename "$whl") into $VENV ..."
-    run_logged pip-install "$PY" -m pip install "$whl"
-    venv_has_version || die "llama_cpp $VER still not importable in $VENV after install"
-    log "llama-cpp-python $VER: installed in $VENV"
+    make_binding_wheel
+    local cons=()
+    [ -f "$VENV/constraints.txt" ] && cons=(-c "$VENV/constraints.txt")
+    run_logged pip-install-binding "$PY" -m pip install --force-reinstall --no-deps "$WHEEL"
+    run_logged pip-install-binding-deps "$PY" -m pip install "${cons[@]}" "$WHEEL"
+    rm -rf "$site/llama_cpp/lib"
+    ln -s "$DEST/lib" "$site/llama_cpp/lib"
+    "$PY" -c "import sys, llama_cpp; sys.exit(llama_cpp.__version__ != '$VER')" \
+        || die "llama_cpp $VER not importable from $VENV with libs in $DEST/lib"
+    log "llama-cpp-python $VER: installed in $VENV (pure Python; libs: $DEST/lib)"
 }
 
-build_tools
+build_llama_cpp
 install_python_binding
 log "done"

@@ -70,12 +70,73 @@ def test_missing_tool_is_user_error(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()  # a lookup must not create cache dirs
 
 
-def test_version_pin_matches_setup_script():
-    # The setup script greps this line; keep the format it expects.
-    src = Path(llama_cpp.__file__).read_text()
-    assert f'LLAMA_CPP_PYTHON_VERSION = "{llama_cpp.LLAMA_CPP_PYTHON_VERSION}"' in src.splitlines()
+def test_setup_script_reads_key_and_options_from_the_module():
+    # scripts/setup_llama_cpp.sh runs exactly this; the cache key is computed in one place
+    proc = subprocess.run([sys.executable, "-m", "quantkit.toolchain.llama_cpp", "build-spec", "cuda"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    key, *opts = proc.stdout.splitlines()
+    assert key == llama_cpp.build_key("cuda") and tuple(opts) == llama_cpp.build_options("cuda")
+    assert key.startswith(llama_cpp.LLAMA_CPP_PYTHON_VERSION + "-cuda-")
+    assert llama_cpp.build_key("cpu") != key and "-DGGML_CUDA=ON" in opts
+    assert "-DBUILD_SHARED_LIBS=ON" in opts  # one build gives the tools and the binding's libraries
 
 
-def test_python_binding_matches_pin():
-    llama_cpp_py = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed in this venv")
-    assert llama_cpp_py.__version__ == llama_cpp.LLAMA_CPP_PYTHON_VERSION
+def test_install_dir_prefers_a_complete_cuda_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path))
+    monkeypatch.delenv("QUANTKIT_LLAMA_CPP_BACKEND", raising=False)
+    root = tmp_path / "llama.cpp"
+    assert llama_cpp.install_dir() == root / llama_cpp.build_key("cpu")
+    (root / llama_cpp.build_key("cuda")).mkdir(parents=True)  # an interrupted CUDA build: not used
+    assert llama_cpp.install_dir() == root / llama_cpp.build_key("cpu")
+    (root / llama_cpp.build_key("cuda") / ".complete").write_text("done\n")
+    assert llama_cpp.install_dir() == root / llama_cpp.build_key("cuda")
+    assert llama_cpp.backend_of(llama_cpp.install_dir() / "bin" / "llama-bench") == "cuda"
+    monkeypatch.setenv("QUANTKIT_LLAMA_CPP_BACKEND", "cpu")
+    assert llama_cpp.install_dir() == root / llama_cpp.build_key("cpu")
+
+
+def _needed_libs(binary: Path, env: dict | None = None) -> dict[str, Path]:
+    """ldd's resolution of a binary's shared libraries: name -> resolved file."""
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True, env=env).stdout
+    libs = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[1] == "=>":
+            libs[parts[0]] = Path(parts[2])
+    return libs
+
+
+def _libllama(libs: dict[str, Path]) -> Path:
+    (name,) = [n for n in libs if n.startswith("libllama.so")]
+    return libs[name]
+
+
+def test_one_build_serves_tools_and_binding():
+    """The binding loads the very libllama the tools link: one compile, not two."""
+    binding = llama_cpp.binding()
+    assert binding.__version__ == llama_cpp.LLAMA_CPP_PYTHON_VERSION
+    loaded = Path(binding.llama_cpp._lib._name).resolve()
+    linked = _needed_libs(find_tool("llama-bench"))
+    assert loaded == _libllama(linked).resolve(), (loaded, linked)
+    assert loaded.parent == (llama_cpp.install_dir() / "lib").resolve()
+    # no compiled copy inside the venv: the package's lib/ is the cache's
+    pkg_lib = Path(binding.__file__).parent / "lib"
+    assert not pkg_lib.exists() or pkg_lib.resolve() == loaded.parent
+    assert binding.llama_max_devices() >= 1  # a real call into the library
+
+
+def test_install_tree_is_relocatable(tmp_path):
+    """$ORIGIN rpaths: a copy of bin/ + lib/ elsewhere runs against its own libraries."""
+    import os
+    import shutil
+
+    src = find_tool("llama-bench").parent.parent
+    dst = tmp_path / "moved"
+    for d in ("bin", "lib"):
+        shutil.copytree(src / d, dst / d, symlinks=True)
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    libs = _needed_libs(dst / "bin" / "llama-bench", env)
+    assert _libllama(libs).resolve().parent == (dst / "lib").resolve(), libs
+    proc = subprocess.run([str(dst / "bin" / "llama-bench"), "--help"], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert "usage" in (proc.stdout + proc.stderr).lower()

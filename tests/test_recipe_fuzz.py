@@ -5,6 +5,8 @@ values replaced by wrong types, huge/negative/non-finite numbers, bad strings an
 YAML text itself is broken (random bytes, truncation, aliases, deep nesting, tags, tabs, Latin-1).
 The contract for each: exit 0 with one `ok` line, or exit 2 with exactly one `error:` line on stderr, no
 traceback, in under 2 s. Run in-process through the CLI's own `main` so 1,000 cases take seconds.
+Time is the process's CPU time: on a shared, overloaded host wall time measures the neighbours, not quantkit
+(both are printed; on an idle CI runner they agree).
 """
 from __future__ import annotations
 
@@ -157,12 +159,12 @@ def run_main(args: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def check_contract(code: int, out: str, err: str, wall: float) -> str | None:
+def check_contract(code: int, out: str, err: str, seconds: float) -> str | None:
     """What is wrong with one run, or None."""
     if "Traceback" in out + err:
         return "traceback"
-    if wall >= LIMIT_S:
-        return f"took {wall:.2f} s"
+    if seconds >= LIMIT_S:
+        return f"took {seconds:.2f} s of CPU"
     if code == 0:
         return None if len(out.splitlines()) == 1 and ": ok (" in out and not err else "exit 0 without one ok line"
     if code != 2:
@@ -187,14 +189,14 @@ def test_fuzzed_recipes_exit_0_or_one_line_exit_2(tmp_path):
     def one(case):
         name, trick, text = case
         target.write_bytes(text)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         code, out, err = run_main(["recipe", "validate", str(target)])
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         stats["inputs"] += 1
         stats["accepted" if code == 0 else "rejected"] += 1
-        if code != 0 and wall > stats["slowest"][0]:
-            stats["slowest"] = (wall, f"{name} + {trick}: {err.strip()[:160]}")
-        problem = check_contract(code, out, err, wall)
+        if code != 0 and cpu > stats["slowest"][0]:
+            stats["slowest"] = (cpu, f"{wall * 1000:.0f} ms wall; {name} + {trick}: {err.strip()[:160]}")
+        problem = check_contract(code, out, err, cpu)
         if problem:
             stats["failures"].append((name, trick, problem))
         assert problem is None, (name, trick, problem, text[:400])
@@ -205,7 +207,7 @@ def test_fuzzed_recipes_exit_0_or_one_line_exit_2(tmp_path):
     grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     slow_s, slow_what = stats["slowest"]
     print(f"\nfuzz: {stats['inputs']} inputs ({stats['accepted']} accepted, {stats['rejected']} rejected), "
-          f"{len(stats['failures'])} failures, {total:.1f} s total, slowest rejection {slow_s * 1000:.0f} ms "
+          f"{len(stats['failures'])} failures, {total:.1f} s total, slowest rejection {slow_s * 1000:.0f} ms CPU "
           f"({slow_what}), peak RSS growth {grew_mb:.0f} MB")
     assert stats["inputs"] >= EXAMPLES and not stats["failures"]
     assert stats["accepted"] >= EXAMPLES // 50 and stats["rejected"] >= EXAMPLES // 2  # both sides of the contract exercised

@@ -44,6 +44,8 @@ BAD = {
     "not a mapping": ("- just\n- a list\n", ["mapping"]),
     "missing extends base": ("extends: nowhere.yaml\n" + GOOD, [":1:", "extends", "nowhere.yaml"]),
     "bad target name": (GOOD.replace("- name: fp8-dynamic", "- name: 'has space'"), [":8:", "targets[0].name"]),
+    "awq option on a non-AWQ scheme": (GOOD.replace("format: fp8", "format: trtllm\n    scheme: fp8\n"
+                                                    "    awq_alpha_step: 0.25"), [":8:", "awq_alpha_step", "int4_awq"]),
 }
 
 

@@ -114,7 +114,9 @@ def test_throughput_and_roofline_recorded(gated_build):
     assert tp["engine"] == "transformers-eager" and tp["serving_engine"] is False
     for b in ("1", "2"):
         x = tp["batches"][b]
-        assert x["prefill_tok_s"] > 0 and x["decode_tok_s"] > 0 and 0 < x["ttft_p50_s"] <= x["ttft_p99_s"]
+        assert x["prefill_tok_s"] > 0 and x["decode_tok_s"] > 0 and x["ttft_p50_s"] > 0
+        # a few repetitions: no tail percentile is claimed from them
+        assert x["ttft_samples"] < 100 and "ttft_p99_s" not in x
     assert tp["roofline"]["bandwidth"]["gb_per_s"] > 0 and tp["roofline"]["decode_pct_of_bound"] > 0
     assert tp["threads"] >= 1 and "torch" in tp["versions"]
 

@@ -1,5 +1,5 @@
-"""Store and build on a tiny random Llama: publish is all-or-nothing, verify catches a flipped byte, a re-run
-is a cache hit, manifests hold every promised field."""
+"""Store and build on a tiny random Llama: verify catches a flipped byte, a re-run is a cache hit, manifests
+hold every promised field. (A killed publish: tests/test_store_trust.py.)"""
 from __future__ import annotations
 
 import json

@@ -182,3 +182,13 @@ store: {{uri: "{store_uri}"}}
     assert r.returncode == 0 and len(json.loads(r.stdout)["built"]) == 1, r.stderr[-2000:]
     r = run_cli("store", "verify", "--store", store_uri)
     assert r.returncode == 0 and "2 artifacts checked, 0 problems" in r.stdout, r.stdout + r.stderr
+
+
+def test_longest_id_round_trips(tmp_path):
+    """Names are bounded by the recipe schema (96 characters each); the longest id they make still fits one
+    file name (manifests/<id>.json) and the pull's temporary sibling directory."""
+    aid = "r" * 96 + "." + "t" * 140 + "." + "0" * 12
+    st = Store(str(tmp_path / "s"))
+    st.publish(make_artifact(tmp_path / "a", 5), fake_manifest(aid))
+    out = st.materialize(aid, tmp_path / "pulled" / aid)
+    assert len(list(out.rglob("*.safetensors"))) == 2 and st.verify() == []

@@ -110,12 +110,13 @@ def is_excluded(name: str, patterns: list[str]) -> bool:
     return False
 
 
-def expected_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each LLaMA-style projection, from config.json."""
+def expected_shapes(cfg: dict, expert: bool = False) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each LLaMA-style projection, from config.json (an MoE expert's MLP is
+    `moe_intermediate_size` wide where the config has one, e.g. Qwen3-MoE)."""
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or hidden // heads
     kv = cfg.get("num_key_value_heads") or heads
-    inter = cfg.get("intermediate_size")
+    inter = (expert and cfg.get("moe_intermediate_size")) or cfg.get("intermediate_size")
     return {"q_proj": (heads * head_dim, hidden), "k_proj": (kv * head_dim, hidden),
             "v_proj": (kv * head_dim, hidden), "o_proj": (hidden, heads * head_dim),
             "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
@@ -151,7 +152,7 @@ def check_checkpoint(path: Path) -> list[str]:
     excludes = list(q.get("exclude_modules") or [])
 
     tensors = read_headers(path)
-    shapes = expected_shapes(cfg)
+    shapes, expert_shapes = expected_shapes(cfg), expected_shapes(cfg, expert=True)
     model_dtype = DTYPE_NAMES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")), "BF16")
     if not cfg.get("tie_word_embeddings") and "lm_head.weight" not in tensors:
         problems.append("lm_head.weight missing and tie_word_embeddings is false")
@@ -163,7 +164,7 @@ def check_checkpoint(path: Path) -> list[str]:
         parent, leaf = mod.rsplit(".", 1)
         trt_name = f"{parent}.{FUSED.get(leaf, leaf)}"
         groups.setdefault(trt_name, []).append(mod)
-        out_f, in_f = shapes[leaf]
+        out_f, in_f = (expert_shapes if ".experts." in mod else shapes)[leaf]
         if is_excluded(mod, excludes) != is_excluded(trt_name, excludes):
             problems.append(f"{mod}: exclude_modules treats it differently from TRT-LLM's fused {trt_name}, "
                             f"which is what TRT-LLM matches (exclude all of q/k/v or gate/up together)")

@@ -54,6 +54,10 @@ class Format:
     # distributions whose versions change the bytes this format writes; they key the artifact
     libraries: ClassVar[tuple[str, ...]] = ("torch", "transformers")
     internal: ClassVar[bool] = False  # True: used by the build itself, not selectable in recipes
+    # Rough produce cost on 2 CPU cores, for the build's time-left estimate only (quantkit/progress.py corrects
+    # it by measured times): seconds per 100M parameters: fixed, per 10k calibration tokens, and per 10k tokens
+    # of one perplexity pass over the recipe's windows (formats that run verification passes inside produce).
+    cost: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
 
     def needs_calibration(self, opts: TargetOptions) -> bool:
         return False
@@ -70,6 +74,13 @@ class Format:
         """Bits per weight of the quantized (linear) weights, scales included; for the memory planner when no
         artifact exists yet. None: unknown (the planner then needs a built artifact)."""
         return None
+
+    def estimate_s(self, opts: TargetOptions, *, params: int, calib_tokens: int, pass_tokens: int) -> float:
+        """Rough produce seconds (time-left estimate): `cost` scaled by model size and calibration tokens;
+        `pass_tokens` is the token count of one perplexity pass of the recipe."""
+        fixed, per_calib, per_pass = self.cost
+        calib = calib_tokens / 1e4 if self.needs_calibration(opts) else 0.0
+        return params / 1e8 * (fixed + per_calib * calib + per_pass * pass_tokens / 1e4)
 
     def produce(self, ctx: "BuildContext", opts: TargetOptions, out_dir: Path) -> Produced:
         raise NotImplementedError

@@ -32,6 +32,8 @@ from pydantic import AfterValidator, Field, StringConstraints, field_validator
 
 from quantkit.errors import UserError
 from quantkit.formats.base import Format, Produced, TargetOptions, register
+from quantkit.sources.remote_code import EXIT_REFUSED, MARKER
+from quantkit.sources.remote_code import FIX as REMOTE_FIX
 
 FLOAT_TYPES = ("F32", "F16", "BF16")  # written directly by the converter
 # Types whose quantizer ignores an importance matrix (float copies; ggml's quantize_q8_0 drops quant_weights):
@@ -124,15 +126,33 @@ def convert(ctx, outtype: str) -> Path:
     if out.exists():
         return out
     tmp = out.with_suffix(".part")
-    cmd = [sys.executable, str(convert_script()), str(ctx.source.path), "--outtype", outtype.lower(),
-           "--outfile", str(tmp)]
+    # The converter loads some tokenizers with trust_remote_code=True hard-coded: run it under quantkit's guard,
+    # which refuses a checkpoint's own code unless the recipe allows it.
+    allow = ["--allow"] if ctx.recipe.model.trust_remote_code else []
+    cmd = [sys.executable, "-m", "quantkit.sources.remote_code", *allow,
+           *_vocab_wrapper(ctx.source.path), str(convert_script()), str(ctx.source.path),
+           "--outtype", outtype.lower(), "--outfile", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=convert_env(), errors="replace")
+    if proc.returncode == EXIT_REFUSED and MARKER in proc.stderr:
+        why = proc.stderr[proc.stderr.index(MARKER) + len(MARKER):].strip().splitlines()[0]
+        raise UserError(f"convert_hf_to_gguf.py needs remote code for {ctx.source.path}: {why}", fix=REMOTE_FIX)
     if proc.returncode != 0:
         tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
         raise UserError(f"convert_hf_to_gguf.py failed on {ctx.source.path}: {tail}",
                         fix="check that llama.cpp supports this architecture")
     tmp.replace(out)
     return out
+
+
+def _vocab_wrapper(model_dir: Path) -> list[str]:
+    """A model imported from a GGUF converts with that GGUF's own tokenizer (formats/_gguf_vocab.py)."""
+    import json
+
+    record = Path(model_dir) / "quantkit-import.json"
+    source = json.loads(record.read_text()).get("source") if record.is_file() else None
+    if not source or not Path(source).is_file():
+        return []
+    return [str(Path(__file__).with_name("_gguf_vocab.py")), source]
 
 
 def _gguf_arch(reader) -> tuple[str, int]:
@@ -286,6 +306,7 @@ class GGUF(Format):
     name = "gguf"
     Options = GGUFOptions
     libraries = ("torch", "transformers", "gguf", "llama_cpp_python")
+    cost = (30.0, 15.0, 0.0)  # convert + quantize + llama.cpp checks; the imatrix is one calibration pass
 
     def needs_calibration(self, opts: GGUFOptions) -> bool:
         return opts.imatrix and any(t not in IMATRIX_UNUSED for t in opts.types)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from quantkit.errors import UserError
 from quantkit.formats._modelopt_check import algo_problem, check_checkpoint
@@ -61,7 +61,17 @@ class TRTLLMOptions(TargetOptions):
     scheme: Literal["fp8", "int4_awq", "w4a8_awq", "int8_sq", "nvfp4"] = "fp8"
     kv_cache: Literal["fp8"] | None = None
     group_size: int | None = Field(None, gt=0, le=MAX_GROUP)  # int4 schemes; default 128 (must divide every in_features)
-    ignore: Patterns = Field(default_factory=lambda: ["lm_head"])  # module-name globs left unquantized
+    # module-name globs left unquantized; None: the architecture's defaults (quantkit/architectures.py)
+    ignore: Patterns | None = None
+    # AWQ schemes: ModelOpt's awq_lite tries alpha = 0, step, 2*step, ... 1 per layer (default step 0.1, 11 tries);
+    # a coarser step is proportionally cheaper to calibrate
+    awq_alpha_step: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _alpha_step_needs_awq(self):
+        if self.awq_alpha_step is not None and "awq" not in self.scheme:
+            raise ValueError(f"awq_alpha_step applies to the AWQ schemes (int4_awq, w4a8_awq), not {self.scheme}")
+        return self
 
     @field_validator("scheme")
     @classmethod
@@ -94,6 +104,12 @@ class TRTLLM(Format):
     name = "trtllm"
     Options = TRTLLMOptions
     libraries = ("torch", "transformers", "nvidia-modelopt")
+    cost = (5.0, 10.0, 45.0)  # calibration, then 2-3 verification perplexity passes (see produce)
+
+    def estimate_s(self, opts: TRTLLMOptions, **sizes) -> float:
+        tries = round(1 / (opts.awq_alpha_step or 0.1)) + 1  # awq_lite's alpha grid, 11 points by default
+        awq_search = 200.0 * sizes["params"] / 1e8 * sizes["calib_tokens"] / 1e4 * tries / 11
+        return super().estimate_s(opts, **sizes) + (awq_search if "awq" in opts.scheme else 0.0)
 
     def needs_calibration(self, opts: TRTLLMOptions) -> bool:
         return True  # every scheme calibrates static scales (FP8 inputs, AWQ search, SmoothQuant)
@@ -108,6 +124,7 @@ class TRTLLM(Format):
         import torch
 
         scheme = SCHEMES[opts.scheme]
+        opts = opts.model_copy(update={"ignore": _ignore_globs(ctx, opts.ignore)})
         _preflight(ctx, opts, scheme)
         mtq, export_hf_checkpoint, resmooth = _import_modelopt()
         info = {"scheme": opts.scheme, "quant_algo": scheme.quant_algo, "group_size": _group(opts),
@@ -187,6 +204,15 @@ def _preflight(ctx, opts: TRTLLMOptions, scheme: Scheme) -> None:
                             fix=f"set group_size: {ok[0]}" if ok else "set a group_size that divides in_features")
 
 
+def _ignore_globs(ctx, explicit: list[str] | None) -> list[str]:
+    """The recipe's globs, or the architecture table's regexes as the concrete module names they select."""
+    from quantkit.architectures import matching_modules
+
+    if explicit is not None:
+        return list(explicit)
+    return matching_modules(ctx.base_model, list(ctx.architecture.ignore))
+
+
 def _ignored(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -217,6 +243,8 @@ def _modelopt_config(mtq, opts: TRTLLMOptions) -> dict:
                 for c in e["cfg"] if isinstance(e["cfg"], list) else [e["cfg"]]:
                     if c.get("block_sizes"):
                         c["block_sizes"][-1] = group
+    if opts.awq_alpha_step and isinstance(cfg.get("algorithm"), dict) and "awq" in cfg["algorithm"]["method"]:
+        cfg["algorithm"]["alpha_step"] = opts.awq_alpha_step
     if opts.kv_cache == "fp8":
         entries += copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
     entries += [{"quantizer_name": f"{p}.*", "enable": False} for p in opts.ignore]
@@ -256,7 +284,8 @@ def _reference_ppl(ctx, out_dir: Path, windows) -> float:
     from quantkit.evaluation.perplexity import perplexity
 
     engine = get_engine("modelopt-dequant")
-    handle = engine.load(out_dir, ".", dtype=ctx.recipe.model.dtype)
+    handle = engine.load(out_dir, ".", dtype=ctx.recipe.model.dtype,
+                         trust_remote_code=ctx.recipe.model.trust_remote_code)
     rec = perplexity(engine, handle, windows, _batch_size(ctx))
     return round(rec["ppl"], 4)
 

@@ -29,6 +29,8 @@ class ModelSpec(Strict):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    sanity_check: bool = Field(True, description="check the baseline is a working model before building "
+                               "(quantkit/sanity.py); false only for a model known to need it")
 
 
 class CalibrationSpec(Strict):
@@ -60,7 +62,7 @@ class ThroughputSpec(Strict):
     gen_len: int = Field(32, ge=1, le=MAX_TOKENS)
     batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [1], min_length=1,
                                                                     max_length=16)
-    repetitions: int = Field(3, ge=1, le=1000)
+    repetitions: int = Field(3, ge=1, le=1000, description="timed runs per batch size; ttft p99 is reported from 100")
     warmup: int = Field(1, ge=0, le=100)
     threads: int | None = Field(None, ge=1, le=4096, description="CPU threads (default: all cores)")
 

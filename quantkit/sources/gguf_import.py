@@ -1,5 +1,10 @@
 """Import a GGUF file into a dense HF checkpoint (safetensors) with transformers' GGUF loader.
 
+The import proves itself before anything is written (sources/gguf_verify.py): llama.cpp scoring the source
+GGUF and transformers scoring the import must agree within 1% perplexity on the same token windows.
+`quantkit-import.json` records the source file (a GGUF target built from the import reuses its tokenizer)
+and the agreement.
+
 Two fixes are applied here so every later format starts from a correct checkpoint:
 - transformers marks the model as GGUF-quantized and refuses to save it, although the weights are dense:
   `hf_quantizer.remove_quantization_config` drops that marker.
@@ -11,10 +16,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 from quantkit.errors import UserError
+from quantkit.sources.remote_code import refuse_remote_code
 
 CHECK_TEXT = "The capital of France is Paris.\n\n  Ünïcödé — 東京 🙂 x=1;\ty"
 
@@ -51,15 +58,27 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
     gguf_path = Path(gguf_path).resolve()
     if not gguf_path.is_file():
         raise UserError(f"GGUF file not found: {gguf_path}")
+    with open(gguf_path, "rb") as f:
+        if f.read(4) != b"GGUF":  # checked here: the readers below fail on other files with deep tracebacks
+            raise UserError(f"{gguf_path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         raise UserError(f"{out_dir} already holds a model", fix="choose an empty OUT_DIR or delete it")
+    from quantkit.sources.gguf_verify import preflight, verify_import
+
+    facts = preflight(gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=out_dir.parent))
     try:
-        kw = dict(gguf_file=gguf_path.name)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+        kw = dict(gguf_file=gguf_path.name, trust_remote_code=False)
+        try:
+            with refuse_remote_code():  # a GGUF holds no Python; files beside it must not bring any in
+                tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+                model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+        except (ValueError, KeyError, EOFError, struct.error) as e:  # a truncated or unsupported GGUF
+            raise UserError(f"cannot import {gguf_path}: {type(e).__name__}: {str(e)[:300]}",
+                            fix="check the file (truncated download?) and that transformers supports its "
+                                "architecture") from None
         before = tokenizer(CHECK_TEXT)["input_ids"]
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
@@ -67,11 +86,14 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         if _gguf_tokenizer_model(gguf_path) == "gpt2":
             _fix_bpe_tokenizer(tmp, model.config.eos_token_id)
-            after = AutoTokenizer.from_pretrained(tmp)(CHECK_TEXT)["input_ids"]
+            after = AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)(CHECK_TEXT)["input_ids"]
             if after != before:
                 raise RuntimeError("tokenizer fix changed token ids; refusing to write the import")
+        del model  # the check loads each engine in turn: never two copies of the weights
+        agreement = verify_import(gguf_path, tmp)
         (tmp / "quantkit-import.json").write_text(json.dumps(
-            {"source": str(gguf_path), "tokenizer_model": _gguf_tokenizer_model(gguf_path)}, indent=2))
+            {"source": str(gguf_path), "tokenizer_model": _gguf_tokenizer_model(gguf_path),
+             "gguf_architecture": facts["arch"], "agreement": agreement}, indent=2))
         tmp.chmod(0o755)  # mkdtemp makes it private; the import is a normal shared directory
         if out_dir.exists():
             out_dir.rmdir()  # must be empty; rmdir refuses otherwise

@@ -13,10 +13,12 @@ from pathlib import Path
 
 from quantkit.errors import UserError
 from quantkit.recipe.schema import ModelSpec
+from quantkit.sources.remote_code import needs_remote_code
 from quantkit.util import cache_dir, cached_sha256, fingerprint_files
 
 HUB_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
+PICKLE_FILES = ["*.bin", "*.pt", "*.pth"]  # fetched only with allow_pickle, and only when no safetensors exist
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt")
 
@@ -41,7 +43,7 @@ def _weight_files(path: Path, spec: ModelSpec) -> list[Path]:
     st = sorted(path.glob("*.safetensors"))
     if st:
         return st
-    pickles = sorted([*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")])
+    pickles = sorted(p for pattern in PICKLE_FILES for p in path.glob(pattern))
     if pickles and not spec.allow_pickle:
         raise UserError(f"model.source: {path} has only pickle weights ({pickles[0].name}); pickle can run code "
                         "when loaded", fix="convert to safetensors, or set model.allow_pickle: true if you trust it")
@@ -54,9 +56,12 @@ def check_local(path: Path, spec: ModelSpec, uri: str, kind: str, revision: str 
     cfg = path / "config.json"
     if not cfg.exists():
         raise UserError(f"model.source: {path} is not a Hugging Face model directory (no config.json)")
-    config = json.loads(cfg.read_text())
-    if config.get("auto_map") and not spec.trust_remote_code:
-        raise UserError(f"model.source: {path} needs custom code (config.json auto_map)",
+    try:
+        json.loads(cfg.read_text())
+    except (ValueError, OSError) as e:
+        raise UserError(f"model.source: {cfg} is not readable JSON ({type(e).__name__})") from None
+    if (why := needs_remote_code(path)) and not spec.trust_remote_code:
+        raise UserError(f"model.source: {path} needs custom code ({why})",
                         fix="set model.trust_remote_code: true only if you trust that code")
     weights = _weight_files(path, spec)
     return ModelSource(uri=uri, kind=kind, path=path, revision=revision,
@@ -68,24 +73,35 @@ def _hub(spec: ModelSpec) -> ModelSource:
     if not spec.revision:
         raise UserError(f"model.revision: hub model {repo} needs a pinned revision (a commit sha or tag)",
                         fix="add `revision: <commit sha>` under model:")
+    local = Path(_snapshot(repo, spec.revision, HUB_FILES))
+    if spec.allow_pickle and not any(local.glob("*.safetensors")):  # allowed, never preferred
+        local = Path(_snapshot(repo, spec.revision, HUB_FILES + PICKLE_FILES, require=PICKLE_FILES))
+    return check_local(local, spec, uri=f"hf://{repo}", kind="hub", revision=spec.revision)
+
+
+def _snapshot(repo: str, revision: str, patterns: list[str], require: list[str] | None = None) -> str:
+    """The files of repo@revision matching patterns: from the local HF cache when it has them (and a file
+    matching `require`), else from the hub."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    kw = dict(repo_id=repo, revision=spec.revision, allow_patterns=HUB_FILES)
+    kw = dict(repo_id=repo, revision=revision, allow_patterns=patterns)
     try:
         local = snapshot_download(**kw, local_files_only=True)
+        if not require or any(next(Path(local).glob(p), None) for p in require):
+            return local
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise UserError(f"model.source: {repo}@{spec.revision} is not in the Hugging Face cache and "
-                            "HF_HUB_OFFLINE=1", fix="download it on a connected machine (huggingface-cli "
-                            "download) or unset HF_HUB_OFFLINE") from None
-        try:
-            local = snapshot_download(**kw)
-        except Exception as e:  # network errors come in many types; all mean the same to the user
-            raise UserError(f"model.source: cannot fetch {repo}@{spec.revision} from the hub and it is not "
-                            f"cached ({type(e).__name__})", fix="check network/HF_TOKEN, or use a local "
-                            "directory as model.source") from None
-    return check_local(Path(local), spec, uri=f"hf://{repo}", kind="hub", revision=spec.revision)
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UserError(f"model.source: {repo}@{revision} is not in the Hugging Face cache"
+                        f"{' with ' + ', '.join(require) + ' files' if require else ''} and HF_HUB_OFFLINE=1",
+                        fix="download it on a connected machine (huggingface-cli download) or unset HF_HUB_OFFLINE")
+    try:
+        return snapshot_download(**kw)
+    except Exception as e:  # network errors come in many types; all mean the same to the user
+        raise UserError(f"model.source: cannot fetch {repo}@{revision} from the hub and it is not "
+                        f"cached ({type(e).__name__})", fix="check network/HF_TOKEN, or use a local "
+                        "directory as model.source") from None
 
 
 def _gguf(path: Path, spec: ModelSpec) -> ModelSource:

@@ -24,7 +24,7 @@ MAX_FILE_BYTES = 1 << 42  # 4 TiB: above any single checkpoint or GGUF file
 MAX_PATH_CHARS = 1024
 HEX64 = re.compile(r"[0-9a-f]{64}")
 # one path component (manifests/<id>.json, evals/<id>/, pulled/<id>): recipe.target.key; never "." or ".."
-ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}")
+ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,249}")  # + ".json" fits a 255-byte file name
 EVAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}\.json")
 # Windows-reserved characters and controls: a path with them means something else on some disk or in a log
 _BAD_CHARS = re.compile(r'[\x00-\x1f\x7f\\:*?"<>|]')
@@ -230,5 +230,5 @@ def merge(metrics: dict, records: list[dict]) -> dict:
 def check_id(artifact_id: str) -> str:
     if not isinstance(artifact_id, str) or not ID.fullmatch(artifact_id):
         raise BadManifest(f"artifact id {str(artifact_id)[:80]!r} is not a valid id "
-                          "(letters, digits and '_.+-', at most 200 characters)")
+                          "(letters, digits and '_.+-', at most 250 characters)")
     return artifact_id

@@ -220,7 +220,7 @@ class Store:
         leaves nothing behind (and never touches what was at dest)."""
         manifest = self.get(artifact_id)
         dest = Path(dest)
-        part = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
+        part = dest.parent / f".{dest.name[:200]}.partial-{uuid.uuid4().hex[:8]}"  # within 255 bytes
         # defence in depth behind the schema: every file must land inside the directory being filled
         for f in manifest["files"]:
             if not (part / f["path"]).resolve().is_relative_to(part.resolve()):

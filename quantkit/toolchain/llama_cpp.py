@@ -1,15 +1,22 @@
-"""Locate and run llama.cpp's CLI tools and its HF -> GGUF converter.
+"""Locate and run llama.cpp's CLI tools, its shared libraries and its HF -> GGUF converter.
 
-llama-cpp-python ships only libllama (no CLI tools, no convert_hf_to_gguf.py), so
-scripts/setup_llama_cpp.sh builds the tools from the *same* pinned sdist's vendored
-llama.cpp and caches them under $QUANTKIT_CACHE/llama.cpp/<version>/. Using one pinned
-version for the Python binding, the tools and the converter keeps GGUF files, quant
-types and imatrix formats mutually compatible.
+scripts/setup_llama_cpp.sh makes ONE CMake build of the llama.cpp vendored in the pinned
+llama-cpp-python sdist: the tools (bin/), the shared libraries libllama/libggml* (lib/,
+$ORIGIN rpaths, so the tree is relocatable) and the converter, cached under
+$QUANTKIT_CACHE/llama.cpp/<version>-<backend>-<options hash>/. The binding's pure-Python
+package is installed without compiling and loads lib/ from that tree (binding() below).
+One pinned revision for binding, tools and converter keeps GGUF files, quant types and
+imatrix formats mutually compatible.
+
+`python -m quantkit.toolchain.llama_cpp build-spec BACKEND` prints the cache key and the
+CMake options for the setup script, so the key is computed in one place.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import sys
 import subprocess
 from pathlib import Path
 from typing import Sequence
@@ -23,15 +30,92 @@ TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
 SETUP_FIX = "run `make setup` or `scripts/setup_llama_cpp.sh .venv`"
 
 
+# CMake options of the one build; any change gives a new cache key. Shared libs with $ORIGIN
+# rpaths: the tools find lib/ as ../lib, the libraries find each other next to themselves.
+CMAKE_OPTIONS = (
+    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=ON",
+    "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN/../lib;$ORIGIN",
+    "-DLLAMA_BUILD_COMMON=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+)
+BACKEND_OPTIONS = {"cpu": (), "cuda": ("-DGGML_CUDA=ON",)}
+# Build targets: the tools pull in libllama, libggml* and llama-common.
+LIB_TARGETS = ("llama",)
+
+
+def build_options(backend: str) -> tuple[str, ...]:
+    if backend not in BACKEND_OPTIONS:
+        raise UserError(f"unknown llama.cpp backend {backend!r}", fix=f"use one of {sorted(BACKEND_OPTIONS)}")
+    return CMAKE_OPTIONS + BACKEND_OPTIONS[backend]
+
+
+def build_key(backend: str) -> str:
+    """Cache directory name: version, backend, and a hash of every CMake option."""
+    digest = hashlib.sha256("\n".join(build_options(backend)).encode()).hexdigest()[:10]
+    return f"{LLAMA_CPP_PYTHON_VERSION}-{backend}-{digest}"
+
+
+def default_threads() -> int:
+    """Threads for llama.cpp's tools: the cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _cache_root() -> Path:
     # Same rule as quantkit.util.cache_dir, but without creating directories:
     # a lookup must not leave an empty (half-looking) install dir behind.
     return Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit"))
 
 
-def install_dir() -> Path:
-    """Where setup_llama_cpp.sh installs the tools + converter for the pinned version."""
-    return _cache_root() / "llama.cpp" / LLAMA_CPP_PYTHON_VERSION
+def install_dir(backend: str | None = None) -> Path:
+    """Where setup_llama_cpp.sh installs tools, libs and converter for the pinned version.
+
+    backend None: $QUANTKIT_LLAMA_CPP_BACKEND if set, else the CUDA build when one is complete,
+    else the CPU build (the tools of a CUDA build also run on the CPU with -ngl 0).
+    """
+    root = _cache_root() / "llama.cpp"
+    if backend is None:
+        backend = os.environ.get("QUANTKIT_LLAMA_CPP_BACKEND")
+    if backend is None:
+        cuda = root / build_key("cuda")
+        backend = "cuda" if (cuda / ".complete").is_file() else "cpu"
+    return root / build_key(backend)
+
+
+def backend_of(path: Path) -> str:
+    """The backend ("cpu"/"cuda") of an install dir or of a tool inside it; "unknown" elsewhere."""
+    for p in (Path(path), *Path(path).parents):
+        for b in BACKEND_OPTIONS:
+            if p.name == build_key(b):
+                return b
+    return "unknown"
+
+
+def lib_dir() -> Path:
+    """Directory holding libllama/libggml* for the binding ($QUANTKIT_LLAMA_CPP/lib overrides)."""
+    override = os.environ.get("QUANTKIT_LLAMA_CPP")
+    for d in ([Path(override) / "lib"] if override else []) + [install_dir() / "lib"]:
+        if (d / "libllama.so").exists() or (d / "libllama.dylib").exists():
+            return d
+    raise UserError(f"llama.cpp shared library libllama not found (searched $QUANTKIT_LLAMA_CPP, "
+                    f"{install_dir() / 'lib'})", fix=SETUP_FIX)
+
+
+def binding():
+    """The llama_cpp Python module, loading the libraries of the cached build.
+
+    The binding is installed as pure Python (no compile); it loads libllama from
+    $LLAMA_CPP_LIB_PATH, set here unless the caller already chose a library.
+    """
+    if "llama_cpp" not in sys.modules:
+        os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(lib_dir()))
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise UserError(f"llama-cpp-python is not installed ({e})", fix=SETUP_FIX) from None
+    return llama_cpp
 
 
 def _search_dirs() -> list[Path]:
@@ -92,9 +176,25 @@ def run_tool(name: str, args: Sequence[str | os.PathLike], *, log_path: Path | N
 
     The full output goes to log_path when given; a failure raises RuntimeError carrying the
     last stderr lines so the caller's one-line error still shows llama.cpp's actual reason.
+    The result carries `peak_rss_mb`: the tool's own peak RSS (wait4's rusage of that child).
     """
+    import tempfile
+
     cmd = [str(find_tool(name)), *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err)
+        try:
+            _, status, usage = os.wait4(p.pid, 0)
+        except BaseException:
+            p.kill()
+            p.wait()
+            raise
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, p.returncode, out.read().decode(errors="replace"),
+                                           err.read().decode(errors="replace"))
+    proc.peak_rss_mb = usage.ru_maxrss / 1024  # Linux reports KiB
     if log_path is not None:
         log_path = Path(log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,3 +205,10 @@ def run_tool(name: str, args: Sequence[str | os.PathLike], *, log_path: Path | N
         where = f" (full log: {log_path})" if log_path else ""
         raise RuntimeError(f"{name} exited with code {proc.returncode}{where}:\n{tail}")
     return proc
+
+if __name__ == "__main__":
+    # scripts/setup_llama_cpp.sh: `build-spec BACKEND` -> key line, then one CMake option per line.
+    if len(sys.argv) != 3 or sys.argv[1] != "build-spec":
+        sys.exit("usage: python -m quantkit.toolchain.llama_cpp build-spec {cpu,cuda}")
+    print(build_key(sys.argv[2]))
+    print("\n".join(build_options(sys.argv[2])))

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from quantkit.evaluation.engines import register_engine
+from quantkit.evaluation.latency import ttft_summary
 from quantkit.util import library_versions
 
 LLAMA_CPP_PROTOCOL = "llama.cpp-perplexity/1"
@@ -79,7 +80,8 @@ class Loaded:
 class LlamaCppEngine:
     name = "llama.cpp"
 
-    def load(self, path: Path, entry: str = ".", dtype: str = "auto") -> Loaded:
+    def load(self, path: Path, entry: str = ".", dtype: str = "auto", trust_remote_code: bool = False) -> Loaded:
+        # a GGUF file holds no Python: nothing to trust (the flag is accepted like every engine's)
         p = Path(path) / entry
         if not p.is_file():
             raise FileNotFoundError(f"no GGUF file at {p}")
@@ -274,6 +276,5 @@ def recipe_throughput(model_path: Path | str, spec, threads: int) -> dict:
     finally:
         r.free(ctx)
         r.free()
-    q = statistics.quantiles(ttft, n=100, method="inclusive") if len(ttft) > 1 else ttft * 99
     return {"prefill_tok_s": round(statistics.median(prefill), 1), "decode_tok_s": round(statistics.median(decode), 2),
-            "ttft_p50_s": round(statistics.median(ttft), 4), "ttft_p99_s": round(q[98], 4)}
+            **ttft_summary(ttft)}

@@ -19,6 +19,7 @@ import contextlib
 import json
 from pathlib import Path
 
+from quantkit import architectures
 from quantkit.evaluation.engines import register_engine
 from quantkit.evaluation.engines.transformers_engine import Loaded, TransformersEngine
 
@@ -130,7 +131,7 @@ def _register_fp8_kv_attention():
     AttentionInterface.register(KV_ATTENTION, fp8_kv_sdpa)
 
 
-def build_reference_model(path: Path, dtype):
+def build_reference_model(path: Path, dtype, trust_remote_code: bool = False):
     """A plain HF model holding the decoded weights, with input/KV fake-quant hooks as the checkpoint defines."""
     import torch
     from safetensors.torch import load_file
@@ -141,7 +142,7 @@ def build_reference_model(path: Path, dtype):
     for f in sorted(path.glob("*.safetensors")):
         tensors.update(load_file(f))
     dense, hooks = dequantize_state_dict(tensors, qcfg, dtype)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):  # build the dense architecture, not a quantized one
         del config.quantization_config
     if hooks["kv"]:
@@ -152,9 +153,18 @@ def build_reference_model(path: Path, dtype):
     except ImportError:
         no_init_weights = contextlib.nullcontext
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    arch = architectures.for_config(config)
+    dense = {architectures.rename_legacy(k, arch): v for k, v in dense.items()}
+    hooks["acts"] = {architectures.rename_legacy(k + ".", arch)[:-1]: v for k, v in hooks["acts"].items()}
+    if any(".experts.0." in k for k in dense):
+        # ModelOpt exports one Linear per expert (experts.{i}.gate_proj ...), where transformers keeps them fused:
+        # llm-compressor's linearized experts hold exactly those names, and the input hooks below need modules
+        from llmcompressor.modeling.moe.linearize import linearize_moe
+
+        linearize_moe(model)
     missing, unexpected = model.load_state_dict(dense, strict=False)
-    tied = {k for k in missing if k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)}
+    tied = {k for k in missing if k == "lm_head.weight" and architectures.tied(config)}
     if set(missing) - tied or unexpected:
         raise ValueError(f"reference load of {path}: missing {sorted(set(missing) - tied)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
@@ -179,7 +189,7 @@ class ModelOptReferenceEngine:
     def __init__(self):
         self._scorer = TransformersEngine()
 
-    def load(self, path: Path, entry: str = ".", dtype: str = "auto") -> Loaded:
+    def load(self, path: Path, entry: str = ".", dtype: str = "auto", trust_remote_code: bool = False) -> Loaded:
         import os
 
         import torch
@@ -188,7 +198,7 @@ class ModelOptReferenceEngine:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # decoded weights are exact in fp32; on a GPU bf16 is what a server would run
         torch_dtype = torch.bfloat16 if device == "cuda" and dtype in ("auto", "bfloat16") else torch.float32
-        model, qcfg = build_reference_model(Path(path) / entry, torch_dtype)
+        model, qcfg = build_reference_model(Path(path) / entry, torch_dtype, trust_remote_code)
         handle = Loaded(model.to(device), device, str(torch_dtype).removeprefix("torch."))
         handle.quant_config = qcfg
         return handle

@@ -103,12 +103,20 @@ def _plans(ctx: BuildContext, only: list[str] | None) -> list[Plan]:
 
 @contextlib.contextmanager
 def _stage(result: BuildResult, name: str):
-    """Time one stage and sample its peak RSS; the records feed scripts/bench_build.py and --json."""
-    t0 = time.perf_counter()
+    """Time one stage and sample its peak RSS; the records feed scripts/bench_build.py and --json. CPU seconds
+    (this process's threads plus finished child tools) say what the stage costs on a shared, loaded host."""
+    t0, c0 = time.perf_counter(), _cpu_s()
     with StagePeak() as peak:
         yield
     result.stages.append({"stage": name, "wall_s": round(time.perf_counter() - t0, 2),
-                          "peak_rss_mb": round(peak.peak, 1)})
+                          "cpu_s": round(_cpu_s() - c0, 2), "peak_rss_mb": round(peak.peak, 1)})
+
+
+def _cpu_s() -> float:
+    import os
+
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, store: str | None = None,
@@ -148,7 +156,7 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
             if st.has(plan.artifact_id):
                 manifest = st.get(plan.artifact_id)
                 have = have_keys(manifest.get("metrics", {}))
-                missing = measurable(manifest["engine"], [w for w in wants if w.key not in have])
+                missing = [w for w in measurable(manifest["engine"], wants) if w.key not in have]
                 if missing:
                     console.print(f"[bold]{plan.opts.name}[/]: in store, measuring "
                                   f"{', '.join(w.name for w in missing)}")

@@ -39,14 +39,21 @@ def _throughput(m: dict) -> dict | None:
     return m.get("metrics", {}).get("throughput")
 
 
+def _same_setup(a: dict, b: dict) -> bool:
+    """Two speed records can be divided only if one engine on one device (by name) on one host made both,
+    under one protocol (the key also covers library versions and kernel data)."""
+    return all(a.get(k) == b.get(k) for k in ("engine", "device", "host", "key"))
+
+
 def _speed_reference(m: dict, manifests: list[dict]) -> dict | None:
-    """Speedups compare like with like: the dense model measured in the same engine. For the transformers
-    engine that is the baseline; for others (llama.cpp) an artifact marked `info.dense_reference` (F16 GGUF)."""
+    """Speedups compare like with like: the dense model measured by the same engine on the same device. For
+    transformers-loadable artifacts that is the baseline; for others (llama.cpp) an artifact marked
+    `info.dense_reference` (F16 GGUF). No such record: no speedup ("-")."""
     tp = _throughput(m)
     if not tp:
         return None
     same_src = [o for o in manifests if o["source"]["fingerprint"] == m["source"]["fingerprint"] and _throughput(o)
-                and _throughput(o)["engine"] == tp["engine"] and _throughput(o)["key"] == tp["key"]]
+                and _same_setup(_throughput(o), tp)]
     for o in same_src:
         if o["target"]["format"] == "baseline" or o["info"].get("dense_reference"):
             return o
@@ -78,7 +85,7 @@ def rows(manifests: Iterable[dict]) -> list[dict]:
         if tp:
             first = next(iter(tp["batches"].values()))
             rf = tp.get("roofline", {})
-            row.update({"speed_engine": tp["engine"], "prefill_tok_s": first["prefill_tok_s"],
+            row.update({"speed_engine": tp["engine"], "speed_device": tp.get("device"), "prefill_tok_s": first["prefill_tok_s"],
                         "decode_tok_s": _decode(m), "ttft_p50_s": first.get("ttft_p50_s"),
                         "decode_pct_of_bound": rf.get("decode_pct_of_bound"),
                         "weight_bytes_per_token": rf.get("bytes_per_token")})
@@ -170,12 +177,24 @@ def protocol_note(rs: list[dict]) -> str:
     return "; ".join(seen[d] for d in sorted(seen))
 
 
+def speed_note(rs: list[dict]) -> str:
+    """One line: which engine on which device produced the speed columns."""
+    made = sorted({(r["speed_engine"], r.get("speed_device") or "?") for r in rs if r.get("speed_engine")})
+    if not made:
+        return ""
+    by = "; ".join(f"`{e}` on {d}" for e, d in made)
+    return (f"Speed columns measured by {by}: each speedup divides by the dense model timed by the same engine on "
+            "the same device (else \"-\"); vLLM, SGLang or TensorRT-LLM serving may be faster or slower.")
+
+
 def to_markdown(rs: list[dict], title: str = "") -> str:
     header, body = _flat(rs)
     lines = [f"## {title}", ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(b) + " |" for b in body]
     lines += ["", f"Perplexity protocol: {protocol_note(rs)}."]
+    if speed_note(rs):
+        lines += [speed_note(rs)]
     if any(p.get("change_se_pct") for r in rs for p in r["ppl"].values()):
         lines += ["`±`: standard error of the change, from the per-window differences to the baseline on the same "
                   "windows (more windows shrink it by the square root)."]
@@ -212,6 +231,8 @@ def print_table(rs: list[dict], console: Console | None = None, title: str = "")
         t.add_row(*b)
     console.print(t)
     console.print(f"[dim]perplexity: {protocol_note(rs)}[/]")
+    if speed_note(rs):
+        console.print(f"[dim]{speed_note(rs)}[/]", highlight=False)
 
 
 def to_html(rs: list[dict], title: str = "quantkit report", image: str | None = None) -> str:
@@ -225,7 +246,7 @@ def to_html(rs: list[dict], title: str = "quantkit report", image: str | None = 
             "body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
             "padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}</style></head><body>"
             f"<h2>{html.escape(title)}</h2><table><tr>{th}</tr>{trs}</table>"
-            f"<p>{html.escape(protocol_note(rs))}</p>{img}</body></html>\n")
+            f"<p>{html.escape(protocol_note(rs))}</p><p>{html.escape(speed_note(rs))}</p>{img}</body></html>\n")
 
 
 RENDERERS = {"md": to_markdown, "csv": to_csv, "json": to_json, "html": to_html}

@@ -107,7 +107,8 @@ class TRTLLM(Format):
     cost = (5.0, 10.0, 45.0)  # calibration, then 2-3 verification perplexity passes (see produce)
 
     def estimate_s(self, opts: TRTLLMOptions, **sizes) -> float:
-        awq_search = 200.0 * sizes["params"] / 1e8 * sizes["calib_tokens"] / 1e4  # awq_lite's alpha grid
+        tries = round(1 / (opts.awq_alpha_step or 0.1)) + 1  # awq_lite's alpha grid, 11 points by default
+        awq_search = 200.0 * sizes["params"] / 1e8 * sizes["calib_tokens"] / 1e4 * tries / 11
         return super().estimate_s(opts, **sizes) + (awq_search if "awq" in opts.scheme else 0.0)
 
     def needs_calibration(self, opts: TRTLLMOptions) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import shutil
 import sys
 import tempfile
@@ -24,16 +25,16 @@ from quantkit.code_identity import code_identity
 from quantkit.context import BuildContext
 from quantkit.errors import UserError
 from quantkit.executors import get_executor
+from quantkit.evaluation.checks import Subject, run_checks
+from quantkit.evaluation.in_memory import score_in_memory
 from quantkit.evaluation.run import Want, evaluate, have_keys, measurable, wanted
-from quantkit.formats import Format, TargetOptions, get_format
+from quantkit.formats import Format, TargetOptions, get_format, reference_format
 from quantkit.formats._storage_dtype import storage_dtype
 from quantkit.recipe.loader import LoadedRecipe
 from quantkit.sources.resolve import resolve_source
 from quantkit.store.manifest import merge
 from quantkit.store.store import Store
 from quantkit.util import StagePeak, host_info, library_versions, peak_rss_mb, sha256_json
-
-BASELINE = "baseline"
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Plan:
     artifact_id: str
     target: str = ""  # the recipe target it comes from (GGUF variants: `gguf` for `gguf-q4_k_m`); gates by it
     key_inputs: dict = field(default_factory=dict)  # what `key` hashes (recorded in the manifest's `build`)
+    sanity: dict | None = None  # the baseline sanity check (or why it was skipped), recorded in the manifest
 
 
 def key_inputs(ctx: BuildContext, fmt: Format, opts: TargetOptions) -> dict:
@@ -75,17 +77,25 @@ def store_uri(loaded: LoadedRecipe, override: str | None) -> str:
 def _plans(ctx: BuildContext, only: list[str] | None) -> list[Plan]:
     targets = list(ctx.loaded.targets)
     if ctx.recipe.baseline:
-        targets.insert(0, get_format(BASELINE).Options(name=BASELINE, format=BASELINE))
+        ref = reference_format()
+        targets.insert(0, ref.Options(name=ref.name, format=ref.name))
     names = [t.name for t in targets]
     only = only or None  # typer gives [] when --target is absent
     for name in only or ():
         if name not in names:
             raise UserError(f"--target {name!r} is not in recipe {ctx.recipe.name}; targets: {', '.join(names)}")
+    from quantkit.architectures import read_config, target_problems
+
+    problems = target_problems(read_config(ctx.source.path), [t for t in targets
+                                                              if only is None or t.name in only])
+    if problems:  # before any work: one line naming the target, the architecture and what is missing
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more, fix="drop the target, or use a format that supports it")
     plans = []
     for t in targets:
         fmt = get_format(t.format)
         for v in fmt.variants(t):
-            if only is not None and t.name not in only and v.name != BASELINE:
+            if only is not None and t.name not in only and not fmt.reference:
                 continue
             inputs = key_inputs(ctx, fmt, v)
             key = sha256_json(inputs)
@@ -95,16 +105,25 @@ def _plans(ctx: BuildContext, only: list[str] | None) -> list[Plan]:
 
 @contextlib.contextmanager
 def _stage(result: BuildResult, name: str):
-    """Time one stage and sample its peak RSS; the records feed scripts/bench_build.py and --json."""
-    t0 = time.perf_counter()
+    """Time one stage and sample its peak RSS; the records feed scripts/bench_build.py and --json. CPU seconds
+    (this process's threads plus finished child tools) say what the stage costs on a shared, loaded host."""
+    t0, c0 = time.perf_counter(), _cpu_s()
     with StagePeak() as peak:
         yield
     result.stages.append({"stage": name, "wall_s": round(time.perf_counter() - t0, 2),
-                          "peak_rss_mb": round(peak.peak, 1)})
+                          "cpu_s": round(_cpu_s() - c0, 2), "peak_rss_mb": round(peak.peak, 1)})
+
+
+def _cpu_s() -> float:
+    import os
+
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, store: str | None = None,
-              console: Console | None = None, executor: str | None = None, progress=None) -> BuildResult:
+              console: Console | None = None, executor: str | None = None, progress=None,
+              no_sanity_check: bool = False) -> BuildResult:
     """`progress` (quantkit.progress.BuildProgress or alike) hears `planned` once and `finished` per artifact."""
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
@@ -121,9 +140,14 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
         todo = [p for p in plans if not st.has(p.artifact_id)]
         if progress:
             progress.planned(ctx, plans, {p.artifact_id for p in plans} - {p.artifact_id for p in todo})
-        if runner.in_process and any(p.fmt.name != BASELINE for p in todo):
+        if runner.in_process and any(p.fmt.needs_model for p in todo):
             with _stage(result, "load model (once)"):
                 ctx.base_model  # noqa: B018 - loaded here so its cost is not charged to the first target
+        if todo:
+            with _stage(result, "baseline sanity check"):
+                sanity = _sanity(ctx, no_sanity_check, console)
+            for p in plans:
+                p.sanity = sanity
         if any(p.fmt.needs_calibration(p.opts) for p in todo):
             with _stage(result, "calibration set (once)"):
                 console.print(f"calibration: {ctx.calibration.meta['num_samples']} x "
@@ -134,7 +158,7 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
             if st.has(plan.artifact_id):
                 manifest = st.get(plan.artifact_id)
                 have = have_keys(manifest.get("metrics", {}))
-                missing = measurable(manifest["engine"], [w for w in wants if w.key not in have])
+                missing = [w for w in measurable(manifest["engine"], wants) if w.key not in have]
                 if missing:
                     console.print(f"[bold]{plan.opts.name}[/]: in store, measuring "
                                   f"{', '.join(w.name for w in missing)}")
@@ -146,7 +170,7 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
                 result.manifests.append(manifest)
                 progress and progress.finished(manifest)
                 continue
-            if plan.fmt.name != BASELINE:  # targets go to the executor; the baseline first, here
+            if not plan.fmt.reference:  # targets go to the executor; the reference first, here
                 queued.append(plan)
                 continue
             result.manifests.append(_build_one(ctx, st, plan, wants, console, result))
@@ -169,6 +193,20 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
     return result
 
 
+def _sanity(ctx: BuildContext, flag: bool, console: Console) -> dict:
+    """Stop before any target is built when the baseline is not a working model (quantkit/sanity.py)."""
+    from quantkit.sanity import check_baseline, skip_reason
+
+    why = skip_reason(ctx.source.path, ctx.recipe.model.sanity_check, flag)
+    if why:
+        console.print(f"baseline sanity check skipped: {why}", highlight=False)
+        return {"status": "skipped", "reason": why}
+    rec = check_baseline(ctx)
+    console.print(f"baseline sanity check: ppl {rec['ppl']:.1f} (limit {rec['ppl_limit']:.0f}), "
+                  f"{rec['probes_right']}/{len(rec['probes'])} continuations right", highlight=False)
+    return rec
+
+
 def _artifact_path(ctx: BuildContext, st: Store, manifest: dict, workdir: Path) -> tuple[Path, str]:
     """(directory, entry) to evaluate. The baseline has no files: it is this build's source, wherever it sits
     now (its key is the source's content fingerprint; the path in its manifest is where it sat then)."""
@@ -183,6 +221,7 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
     console.print(f"[bold]{opts.name}[/] ({fmt.describe(opts)}): building")
     staging = ctx.workdir / "stage" / plan.artifact_id
     staging.mkdir(parents=True)
+    ctx.score_in_memory = functools.partial(score_in_memory, ctx)  # the evaluation layer, offered to formats
     t0 = time.perf_counter()
     with _stage(result, f"{opts.name}: produce"):
         produced = fmt.produce(ctx, opts, staging)
@@ -190,6 +229,11 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
     console.print(f"  produced in {build_s:.1f} s")
     with _stage(result, f"{opts.name}: evaluate"):
         metrics = merge({}, evaluate(ctx, produced.engine, staging, produced.entry, wants, console))
+    checks = {}
+    if produced.checks:  # the artifact's own evaluation steps; a failing cross-check publishes nothing
+        with _stage(result, f"{opts.name}: checks"):
+            checks = run_checks(Subject(ctx, produced.engine, staging, produced.entry, metrics),
+                                produced.checks, console)
     needs_calib = fmt.needs_calibration(opts)
     manifest = {
         "id": plan.artifact_id,
@@ -203,9 +247,11 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
         "entry": produced.entry,
         "source": ctx.source.as_dict(),
         "calibration": ctx.calibration.meta if needs_calib else None,
+        "sanity": plan.sanity,
         "versions": library_versions(),
         "info": produced.info,
         "metrics": metrics,
+        "checks": checks,
         "build": {"produce_s": round(build_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
                   "peak_rss_mb": round(peak_rss_mb(), 1), "argv": sys.argv, "key_inputs": plan.key_inputs},
     }

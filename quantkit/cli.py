@@ -72,6 +72,8 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
           executor: str = typer.Option("inprocess", "--executor", help="where targets run: inprocess, or "
                                        "ray[:ADDRESS] (one Ray task per target)"),
           as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+          no_sanity_check: bool = typer.Option(False, "--no-sanity-check", help="skip the check that the "
+                                               "baseline is a working model (recorded in every manifest)"),
           store: Optional[str] = StoreOpt,
           report_dir: Optional[Path] = typer.Option(None, help="where report.md/json go "
                                                     "(default ./reports/<recipe name>)")) -> None:
@@ -84,7 +86,7 @@ def build(recipe: Path = typer.Argument(..., help="recipe YAML"),
     loaded = load_recipe(recipe)
     with _stdout_to_stderr():
         result = run_build(loaded, only_target=target, store=store, console=err, executor=executor,
-                           progress=BuildProgress(err))
+                           progress=BuildProgress(err), no_sanity_check=no_sanity_check)
     verdicts = gates.verdicts(loaded.recipe.gates, loaded.targets, result.manifests)  # the recipe's gates now
     rows = gates.apply(report.rows(result.manifests), verdicts)
     title = f"{loaded.recipe.name}: {len(result.built)} built, {len(result.cached)} from store"
@@ -107,11 +109,16 @@ def recipe_validate(file: Path) -> None:
     """Check FILE against the schema and every target's format options."""
     from quantkit.recipe.loader import load_recipe
 
+    from quantkit.architectures import local_config, target_problems
     from quantkit.formats import PLUGIN_PROBLEMS
 
     loaded = load_recipe(file)
     for problem in PLUGIN_PROBLEMS:  # a broken plugin the recipe does not use: say so, once, and go on
         print(one_line(f"warning: {problem}"), file=sys.stderr)
+    problems = target_problems(local_config(loaded.recipe.model.source, loaded.path.parent), loaded.targets)
+    if problems:
+        raise UserError(f"{file}: " + problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
+                        fix="drop the target, or use a format that supports this architecture")
     print(f"{file}: ok ({loaded.recipe.name}, {len(loaded.targets)} targets)")
 
 
@@ -130,8 +137,12 @@ def model_import_gguf(file: Path, out_dir: Path) -> None:
     """Import a GGUF file into a dense HF checkpoint (safetensors) at OUT_DIR."""
     from quantkit.sources.gguf_import import import_gguf
 
-    path = import_gguf(file, out_dir)
-    print(f"imported {file} -> {path}")
+    with _stdout_to_stderr():
+        path = import_gguf(file, out_dir)
+    a = json.loads((path / "quantkit-import.json").read_text())["agreement"]
+    print(f"imported {file} -> {path} (verified: wikitext2 ppl {a['transformers_ppl']:.3f} in transformers vs "
+          f"{a['llama_cpp_ppl']:.3f} in llama.cpp on the same {a['windows']}x{a['seq_len']} tokens, "
+          f"{a['relative_difference']:+.3%})")
 
 
 @app.command("report")
@@ -189,7 +200,7 @@ def plan(recipe_or_model: str = typer.Argument(..., help="a recipe YAML, a model
             fmt = get_format(t.format)
             for v in fmt.variants(t):
                 m = built.get(v.name)
-                extra = tuple(e["dir"] + "/" for e in (m["info"].get("exports") or {}).values()) if m else ()
+                extra = tuple(m["info"].get("not_loaded") or ()) if m else ()
                 weights = m and sum(f["size"] for f in m["files"] if f["path"].endswith((".safetensors", ".gguf"))
                                     and not f["path"].startswith(extra or ("\0",)))
                 if weights:

@@ -83,8 +83,9 @@ def main() -> None:
     for d in datasets:
         base = nll["baseline"][d]
         print(f"## {d}: baseline ppl {math.exp(statistics.fmean(base)):.3f}, per-window NLL sd "
-              f"{statistics.stdev(base):.3f} (unpaired SE of ppl at 24 windows: "
-              f"{100 * statistics.stdev(base) / math.sqrt(24):.2f} %)\n")
+              f"{statistics.stdev(base):.3f} (the unpaired SE of the ppl itself at {args.windows} windows: "
+              f"{100 * statistics.stdev(base) / math.sqrt(args.windows):.2f} %; the paired SE below is what a "
+              "change needs)\n")
         head = ["target", "engine", f"Δ % ({args.windows} w)", "sd(d)"] + [f"Δ % / SE @{n}" for n in counts]
         print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
         for name, engine_name, *_ in arts[1:]:

@@ -89,4 +89,30 @@ def make_tiny_llama(out: Path) -> Path:
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    from quantkit.sanity import declare_random_weights
+
+    declare_random_weights(out, "tests/conftest.py tiny_llama")
     return out
+
+
+# The architecture matrix (tests/test_arch_matrix.py): each cell test records {arch, format, engine} and its
+# status; the outcomes are written as JSON for scripts/arch_support_table.py (README's support table).
+_ARCH_CELLS: list[dict] = []
+
+
+def pytest_runtest_logreport(report):
+    props = dict(report.user_properties)
+    if "arch_cell" not in props or (report.when != "call" and report.passed):
+        return
+    status = props.get("arch_cell_status", "failed") if report.passed else "failed"
+    _ARCH_CELLS.append({**props["arch_cell"], "test": report.nodeid, "status": status,
+                        "outcome": report.outcome, "duration_s": round(report.duration, 2)})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _ARCH_CELLS:
+        import json
+
+        out = Path(os.environ.get("QUANTKIT_ARCH_MATRIX_JSON", ROOT / ".pytest_cache" / "arch-matrix.json"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(_ARCH_CELLS, indent=1))

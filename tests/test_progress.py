@@ -38,7 +38,9 @@ def test_rows_stream_in_order_with_time_left_then_from_store(tiny_llama, tmp_pat
     for name, line in printed.items():  # the streamed numbers are the final table's
         for ds in ("c4", "wikitext2"):
             assert f"ppl {ds} {rows[name]['ppl'][ds]['ppl']:.3f}" in line, line
-    assert f"({rows['fp8-static']['ppl']['c4']['change_pct']:+.2f} %)" in printed["fp8-static"]
+    c4 = rows["fp8-static"]["ppl"]["c4"]
+    assert c4["change_se_pct"] > 0  # per-window NLLs of artifact and baseline give the change a standard error
+    assert f"({c4['change_pct']:+.2f} ±{c4['change_se_pct']:.2f} %)" in printed["fp8-static"]
     assert "left" in printed["baseline"] and "left" in printed["fp8-dynamic"]
     assert "left" not in printed["fp8-static"]  # nothing left after the last one
 

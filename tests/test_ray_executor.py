@@ -53,6 +53,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.slow  # a local Ray cluster plus worker processes that each import torch: well over 20 s on 2 cores
 def test_ray_build_equals_in_process_build(tiny_llama, tmp_path, ray_cluster):
     recipe = _recipe(tmp_path, tiny_llama)
     local, remote = tmp_path / "store-inprocess", tmp_path / "store-ray"

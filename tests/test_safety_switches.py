@@ -134,15 +134,75 @@ def test_converter_wrapper_refuses_hard_coded_trust_remote_code(custom_model, se
     assert allowed.returncode == 0 and "converted ['x']" in allowed.stdout and sentinel.exists(), allowed.stderr
 
 
-def test_gguf_convert_fails_in_one_line_when_the_model_needs_remote_code(custom_model, sentinel, tmp_path):
-    """The real llama.cpp converter, run the way the gguf format runs it."""
-    from quantkit.formats import gguf
+QWEN_TOKENIZER_CODE = """
+import os, pathlib
+pathlib.Path(os.environ["QK_SENTINEL"]).write_text("remote code ran")
+from transformers import PreTrainedTokenizerFast
+
+
+class QKTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+@pytest.fixture
+def qwen_like(tiny_llama, tmp_path) -> Path:
+    """A checkpoint of architecture QWenLMHeadModel whose tokenizer is its own code: llama.cpp's converter loads
+    such tokenizers with `trust_remote_code=True` hard-coded (conversion/base.py `_set_vocab_qwen`)."""
+    import shutil
+
+    d = tmp_path / f"qwen_{''.join(c if c.isalnum() else '_' for c in tmp_path.name)}"
+    shutil.copytree(tiny_llama, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["QWenLMHeadModel"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    tc.update(tokenizer_class="QKTokenizer", auto_map={"AutoTokenizer": ["tok_code.QKTokenizer", None]})
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    (d / "tok_code.py").write_text(QWEN_TOKENIZER_CODE)
+    return d
+
+
+def _real_converter() -> Path:
     from quantkit.toolchain.llama_cpp import convert_script
 
     try:
-        convert_script()
+        return convert_script()
     except UserError as e:
         pytest.skip(f"llama.cpp converter not installed ({e.one_line()})")
+
+
+def test_real_converter_runs_remote_code_unguarded_and_is_refused_under_quantkit(qwen_like, sentinel, tmp_path):
+    """--vocab-only: the tokenizer step of llama.cpp's real converter, where the hard-coded flag sits."""
+    from quantkit.toolchain.llama_cpp import convert_env
+
+    script = _real_converter()
+    env = convert_env({**os.environ, "PYTHONPATH": str(ROOT)})
+    args = [str(qwen_like), "--vocab-only", "--outfile", str(tmp_path / "v.gguf")]
+    r = subprocess.run([sys.executable, "-m", "quantkit.sources.remote_code", str(script), *args],
+                       capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    assert r.returncode == EXIT_REFUSED and not sentinel.exists(), r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(MARKER) and not (tmp_path / "v.gguf").exists()
+    # the hazard is real: the same converter run the plain way executes the checkpoint's code
+    subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
+                   stdin=subprocess.DEVNULL)
+    assert sentinel.exists()
+
+
+def test_gguf_convert_fails_in_one_line_when_the_model_needs_remote_code(qwen_like, sentinel, tmp_path,
+                                                                          monkeypatch):
+    """gguf.convert as a build runs it (the real converter, here stopped after its tokenizer step)."""
+    from quantkit.formats import gguf
+    from quantkit.toolchain import llama_cpp
+
+    script = _real_converter()
+    env = llama_cpp.convert_env()
+    vocab_only = tmp_path / "convert_vocab_only.py"
+    vocab_only.write_text(f"import runpy, sys\nsys.argv = [{str(script)!r}, *sys.argv[1:], '--vocab-only']\n"
+                          f"sys.path.insert(0, {str(script.parent)!r})\n"
+                          f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
+    monkeypatch.setattr(llama_cpp, "convert_script", lambda: vocab_only)
+    monkeypatch.setattr(llama_cpp, "convert_env", lambda base=None: env)
 
     class Ctx:  # what gguf.convert reads from a BuildContext
         workdir = tmp_path / "work"
@@ -152,14 +212,14 @@ def test_gguf_convert_fails_in_one_line_when_the_model_needs_remote_code(custom_
                 trust_remote_code = False
 
         class source:
-            path = custom_model
+            path = qwen_like
             fingerprint = "0" * 64
 
     with pytest.raises(UserError) as e:
         gguf.convert(Ctx, "F16")
     line = e.value.one_line()
     assert len(line.splitlines()) == 1 and not sentinel.exists(), line
-    assert "needs remote code" in line or "convert_hf_to_gguf.py failed" in line, line
+    assert "needs remote code" in line and "trust_remote_code: true" in line, line
 
 
 # ---- allow_pickle: allows .bin, never prefers it ----

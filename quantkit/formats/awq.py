@@ -16,7 +16,7 @@ from pydantic import Field
 from quantkit.errors import UserError
 from quantkit.formats._classic import export_classic
 from quantkit.formats._groups import Indivisible, plan_groups
-from quantkit.formats._llmcompressor import LIBRARIES, run_oneshot
+from quantkit.formats._llmcompressor import LIBRARIES, ignore_for, run_oneshot
 from quantkit.formats.base import Format, Produced, TargetOptions, register
 from quantkit.recipe.schema import MAX_GROUP, Patterns
 from quantkit.formats.gptq import label, nominal_bits, weight_scheme
@@ -27,8 +27,9 @@ class AWQOptions(TargetOptions):
     bits: Literal[4] = 4
     group_size: int = Field(128, ge=1, le=MAX_GROUP)
     duo_scaling: bool | Literal["both"] = True  # scales from activations and weights (AutoAWQ's default)
-    n_grid: int = Field(20, ge=1, le=1000, description="grid points per scale search; fewer = faster, coarser")
-    ignore: Patterns = Field(default_factory=lambda: ["lm_head"])
+    # >= 3: llm-compressor 0.14 divides by n_grid - 2 when duo_scaling is on
+    n_grid: int = Field(20, ge=3, le=1000, description="grid points per scale search; fewer = faster, coarser")
+    ignore: Patterns | None = None  # None: the architecture's defaults (quantkit/architectures.py)
     indivisible: Indivisible = "error"
     export: list[Literal["awq"]] = Field(default_factory=list)
 
@@ -73,7 +74,8 @@ class AWQ(Format):
         return nominal_bits(opts.bits, opts.group_size, symmetric=False)
 
     def produce(self, ctx, opts: AWQOptions, out_dir: Path) -> Produced:
-        plan = plan_groups(ctx.base_model, opts.group_size, opts.ignore, opts.indivisible, opts.name)
+        ignore = ignore_for(ctx, opts.ignore)
+        plan = plan_groups(ctx.base_model, opts.group_size, ignore, opts.indivisible, opts.name)
         if opts.export and plan.fallback:  # AWQ GEMM configs are global (unquantized layers can be listed)
             raise UserError(f"export awq: the AWQ GEMM layout has one group size for every layer, but "
                             f"`indivisible: fallback` changes {plan.summary}", where=f"target {opts.name}",
@@ -82,17 +84,18 @@ class AWQ(Format):
         from llmcompressor.modifiers.quantization import QuantizationModifier
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
-        ignore = list(opts.ignore) + plan.extra_ignore
+        ignore += plan.extra_ignore
         modifiers = [AWQModifier(duo_scaling=opts.duo_scaling, n_grid=opts.n_grid),
                      QuantizationModifier(config_groups=plan.config_groups(weight_scheme(opts.bits, False)),
                                           ignore=ignore)]
         with no_pin_memory_without_accelerator():
-            qcfg = run_oneshot(ctx, modifiers, out_dir, calibrate=True)
+            qcfg, extra = run_oneshot(ctx, modifiers, out_dir, calibrate=True)
         info = {"algorithm": "awq", "scheme": label(opts.bits, opts.group_size, False), "bits": opts.bits,
                 **plan.info(), "symmetric": False, "duo_scaling": opts.duo_scaling, "n_grid": opts.n_grid,
-                "ignore": ignore, "container": "compressed-tensors", "quantization_config": qcfg}
+                "ignore": ignore, "container": "compressed-tensors", "quantization_config": qcfg, **extra}
         if "awq" in opts.export:
             # the table's size should be the compressed-tensors checkpoint's, not it plus the export
             info["entry_bytes"] = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
             info["exports"] = {"awq": export_classic("awq", out_dir, opts.name)}
+            info["not_loaded"] = [info["exports"]["awq"]["dir"] + "/"]  # the engine loads the checkpoint
         return Produced(info=info)

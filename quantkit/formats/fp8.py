@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from quantkit.formats._llmcompressor import LIBRARIES, run_oneshot
+from quantkit.formats._llmcompressor import LIBRARIES, ignore_for, run_oneshot
 from quantkit.formats.base import Format, Produced, TargetOptions, register
 from quantkit.recipe.schema import Patterns
 
@@ -23,7 +23,7 @@ class FP8Options(TargetOptions):
     format: Literal["fp8"] = "fp8"
     scheme: Literal["dynamic", "static"] = "dynamic"
     targets: Patterns = Field(default_factory=lambda: ["Linear"], min_length=1)
-    ignore: Patterns = Field(default_factory=lambda: ["lm_head"])
+    ignore: Patterns | None = None  # None: the architecture's defaults (quantkit/architectures.py)
 
 
 @register
@@ -45,7 +45,8 @@ class FP8(Format):
     def produce(self, ctx, opts: FP8Options, out_dir: Path) -> Produced:
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
-        modifier = QuantizationModifier(targets=opts.targets, scheme=SCHEMES[opts.scheme], ignore=opts.ignore)
-        qcfg = run_oneshot(ctx, [modifier], out_dir, calibrate=self.needs_calibration(opts))
-        return Produced(info={"algorithm": "rtn", "scheme": SCHEMES[opts.scheme], "ignore": opts.ignore,
-                              "container": "compressed-tensors", "quantization_config": qcfg})
+        ignore = ignore_for(ctx, opts.ignore)
+        modifier = QuantizationModifier(targets=opts.targets, scheme=SCHEMES[opts.scheme], ignore=ignore)
+        qcfg, extra = run_oneshot(ctx, [modifier], out_dir, calibrate=self.needs_calibration(opts))
+        return Produced(info={"algorithm": "rtn", "scheme": SCHEMES[opts.scheme], "ignore": ignore,
+                              "container": "compressed-tensors", "quantization_config": qcfg, **extra})

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 from quantkit.errors import UserError
 from quantkit.formats._classic import export_classic
 from quantkit.formats._groups import Indivisible, plan_groups
-from quantkit.formats._llmcompressor import LIBRARIES, run_oneshot
+from quantkit.formats._llmcompressor import LIBRARIES, ignore_for, run_oneshot
 from quantkit.formats.base import Format, Produced, TargetOptions, register
 from quantkit.recipe.schema import MAX_GROUP, Patterns
 
@@ -27,7 +27,7 @@ class GPTQOptions(TargetOptions):
     symmetric: bool = True
     dampening_frac: float = Field(0.01, gt=0, lt=1)
     algorithm: Literal["gptq", "rtn"] = "gptq"
-    ignore: Patterns = Field(default_factory=lambda: ["lm_head"])
+    ignore: Patterns | None = None  # None: the architecture's defaults (quantkit/architectures.py)
     indivisible: Indivisible = "error"
     export: list[Literal["gptq"]] = Field(default_factory=list)
 
@@ -78,7 +78,8 @@ class GPTQ(Format):
         return nominal_bits(opts.bits, opts.group_size, opts.symmetric)
 
     def produce(self, ctx, opts: GPTQOptions, out_dir: Path) -> Produced:
-        plan = plan_groups(ctx.base_model, opts.group_size, opts.ignore, opts.indivisible, opts.name)
+        ignore = ignore_for(ctx, opts.ignore)
+        plan = plan_groups(ctx.base_model, opts.group_size, ignore, opts.indivisible, opts.name)
         if opts.export and (plan.fallback or plan.extra_ignore):
             # v1 configs are global: loaders replace every decoder Linear with one QuantLinear shape
             raise UserError(f"export gptq: the GPTQ v1 layout has one group size for every layer, but "
@@ -88,20 +89,21 @@ class GPTQ(Format):
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
         groups = plan.config_groups(weight_scheme(opts.bits, opts.symmetric))
-        ignore = list(opts.ignore) + plan.extra_ignore
+        ignore += plan.extra_ignore
         if opts.algorithm == "gptq":
             modifier = GPTQModifier(config_groups=groups, ignore=ignore, dampening_frac=opts.dampening_frac,
                                     actorder="weight" if opts.act_order else None)
         else:
             modifier = QuantizationModifier(config_groups=groups, ignore=ignore)
-        qcfg = run_oneshot(ctx, [modifier], out_dir, calibrate=self.needs_calibration(opts))
+        qcfg, extra = run_oneshot(ctx, [modifier], out_dir, calibrate=self.needs_calibration(opts))
         info = {"algorithm": opts.algorithm, "scheme": label(opts.bits, opts.group_size, opts.symmetric),
                 "bits": opts.bits, **plan.info(), "symmetric": opts.symmetric, "ignore": ignore,
-                "container": "compressed-tensors", "quantization_config": qcfg}
+                "container": "compressed-tensors", "quantization_config": qcfg, **extra}
         if opts.algorithm == "gptq":
             info.update(act_order="weight" if opts.act_order else None, dampening_frac=opts.dampening_frac)
         if "gptq" in opts.export:
             # the table's size should be the compressed-tensors checkpoint's, not it plus the export
             info["entry_bytes"] = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
             info["exports"] = {"gptq": export_classic("gptq", out_dir, opts.name, damp_percent=opts.dampening_frac)}
+            info["not_loaded"] = [info["exports"]["gptq"]["dir"] + "/"]  # the engine loads the checkpoint
         return Produced(info=info)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from quantkit.formats._llmcompressor import LIBRARIES, run_oneshot
+from quantkit.formats._llmcompressor import LIBRARIES, ignore_for, run_oneshot
 from quantkit.formats.base import Format, Produced, TargetOptions, register
 from quantkit.recipe.schema import Patterns
 
@@ -25,7 +25,7 @@ class INT8Options(TargetOptions):
     smoothing_strength: float | None = Field(None, ge=0, le=1, description="SmoothQuant alpha; null = none")
     algorithm: Literal["gptq", "rtn"] = "gptq"
     dampening_frac: float = Field(0.01, gt=0, lt=1)
-    ignore: Patterns = Field(default_factory=lambda: ["lm_head"])
+    ignore: Patterns | None = None  # None: the architecture's defaults (quantkit/architectures.py)
 
     @model_validator(mode="before")
     @classmethod
@@ -75,20 +75,21 @@ class INT8(Format):
         from llmcompressor.modifiers.transform import SmoothQuantModifier
 
         scheme = SCHEMES[opts.scheme]
+        ignore = ignore_for(ctx, opts.ignore)
         groups = {"group_0": int8_scheme(activations=opts.scheme == "w8a8")}
         modifiers = []
         if opts.smoothing_strength is not None:
             modifiers.append(SmoothQuantModifier(smoothing_strength=opts.smoothing_strength))
         if opts.algorithm == "gptq":
-            modifiers.append(GPTQModifier(config_groups=groups, ignore=opts.ignore, dampening_frac=opts.dampening_frac))
+            modifiers.append(GPTQModifier(config_groups=groups, ignore=ignore, dampening_frac=opts.dampening_frac))
         else:
-            modifiers.append(QuantizationModifier(config_groups=groups, ignore=opts.ignore))
-        qcfg = run_oneshot(ctx, modifiers, out_dir, calibrate=self.needs_calibration(opts))
+            modifiers.append(QuantizationModifier(config_groups=groups, ignore=ignore))
+        qcfg, extra = run_oneshot(ctx, modifiers, out_dir, calibrate=self.needs_calibration(opts))
         weights = next(iter(qcfg.get("config_groups", {}).values()), {}).get("weights") or {}
         info = {"algorithm": ("smoothquant+" if opts.smoothing_strength is not None else "") + opts.algorithm,
                 "scheme": scheme, "bits": 8, "group_size": None, "symmetric": weights.get("symmetric"),
                 "act_order": weights.get("actorder"), "smoothing_strength": opts.smoothing_strength,
-                "ignore": opts.ignore, "container": "compressed-tensors", "quantization_config": qcfg}
+                "ignore": ignore, "container": "compressed-tensors", "quantization_config": qcfg, **extra}
         if opts.algorithm == "gptq":
             info["dampening_frac"] = opts.dampening_frac
         return Produced(info=info)

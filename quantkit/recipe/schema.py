@@ -29,6 +29,8 @@ class ModelSpec(Strict):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    sanity_check: bool = Field(True, description="check the baseline is a working model before building "
+                               "(quantkit/sanity.py); false only for a model known to need it")
 
 
 class CalibrationSpec(Strict):

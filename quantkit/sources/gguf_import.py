@@ -1,5 +1,10 @@
 """Import a GGUF file into a dense HF checkpoint (safetensors) with transformers' GGUF loader.
 
+The import proves itself before anything is written (sources/gguf_verify.py): llama.cpp scoring the source
+GGUF and transformers scoring the import must agree within 1% perplexity on the same token windows.
+`quantkit-import.json` records the source file (a GGUF target built from the import reuses its tokenizer)
+and the agreement.
+
 Two fixes are applied here so every later format starts from a correct checkpoint:
 - transformers marks the model as GGUF-quantized and refuses to save it, although the weights are dense:
   `hf_quantizer.remove_quantization_config` drops that marker.
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -44,6 +50,14 @@ def _fix_bpe_tokenizer(out: Path, eos_id: int | None) -> None:
             tc.write_text(json.dumps(cfg, ensure_ascii=False, indent=2))
 
 
+UNREADABLE = (ValueError, KeyError, EOFError, struct.error)  # what the GGUF readers raise on a truncated file
+
+
+def _unreadable(gguf_path: Path, e: Exception) -> UserError:
+    return UserError(f"cannot import {gguf_path}: {type(e).__name__}: {str(e)[:300]}",
+                     fix="check the file (truncated download?) and that transformers supports its architecture")
+
+
 def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Write a dense fp32 HF checkpoint for gguf_path at out_dir (atomically: a temp dir renamed at the end)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -52,16 +66,28 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
     gguf_path = Path(gguf_path).resolve()
     if not gguf_path.is_file():
         raise UserError(f"GGUF file not found: {gguf_path}")
+    with open(gguf_path, "rb") as f:
+        if f.read(4) != b"GGUF":  # checked here: the readers below fail on other files with deep tracebacks
+            raise UserError(f"{gguf_path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         raise UserError(f"{out_dir} already holds a model", fix="choose an empty OUT_DIR or delete it")
+    from quantkit.sources.gguf_verify import preflight, verify_import
+
+    try:
+        facts = preflight(gguf_path)
+    except UNREADABLE as e:
+        raise _unreadable(gguf_path, e) from None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=out_dir.parent))
     try:
         kw = dict(gguf_file=gguf_path.name, trust_remote_code=False)
-        with refuse_remote_code():  # a GGUF holds no Python; files beside it must not bring any in
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+        try:
+            with refuse_remote_code():  # a GGUF holds no Python; files beside it must not bring any in
+                tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+                model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+        except UNREADABLE as e:
+            raise _unreadable(gguf_path, e) from None
         before = tokenizer(CHECK_TEXT)["input_ids"]
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
@@ -69,11 +95,14 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         if _gguf_tokenizer_model(gguf_path) == "gpt2":
             _fix_bpe_tokenizer(tmp, model.config.eos_token_id)
-            after = AutoTokenizer.from_pretrained(tmp)(CHECK_TEXT)["input_ids"]
+            after = AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)(CHECK_TEXT)["input_ids"]
             if after != before:
                 raise RuntimeError("tokenizer fix changed token ids; refusing to write the import")
+        del model  # the check loads each engine in turn: never two copies of the weights
+        agreement = verify_import(gguf_path, tmp)
         (tmp / "quantkit-import.json").write_text(json.dumps(
-            {"source": str(gguf_path), "tokenizer_model": _gguf_tokenizer_model(gguf_path)}, indent=2))
+            {"source": str(gguf_path), "tokenizer_model": _gguf_tokenizer_model(gguf_path),
+             "gguf_architecture": facts["arch"], "agreement": agreement}, indent=2))
         tmp.chmod(0o755)  # mkdtemp makes it private; the import is a normal shared directory
         if out_dir.exists():
             out_dir.rmdir()  # must be empty; rmdir refuses otherwise

@@ -19,6 +19,7 @@ import contextlib
 import json
 from pathlib import Path
 
+from quantkit import architectures
 from quantkit.evaluation.engines import register_engine
 from quantkit.evaluation.engines.transformers_engine import Loaded, TransformersEngine
 
@@ -153,8 +154,17 @@ def build_reference_model(path: Path, dtype, trust_remote_code: bool = False):
         no_init_weights = contextlib.nullcontext
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    arch = architectures.for_config(config)
+    dense = {architectures.rename_legacy(k, arch): v for k, v in dense.items()}
+    hooks["acts"] = {architectures.rename_legacy(k + ".", arch)[:-1]: v for k, v in hooks["acts"].items()}
+    if any(".experts.0." in k for k in dense):
+        # ModelOpt exports one Linear per expert (experts.{i}.gate_proj ...), where transformers keeps them fused:
+        # llm-compressor's linearized experts hold exactly those names, and the input hooks below need modules
+        from llmcompressor.modeling.moe.linearize import linearize_moe
+
+        linearize_moe(model)
     missing, unexpected = model.load_state_dict(dense, strict=False)
-    tied = {k for k in missing if k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)}
+    tied = {k for k in missing if k == "lm_head.weight" and architectures.tied(config)}
     if set(missing) - tied or unexpected:
         raise ValueError(f"reference load of {path}: missing {sorted(set(missing) - tied)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")

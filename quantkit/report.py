@@ -24,31 +24,40 @@ def baseline_run_dtype(m: dict) -> str | None:
 
 
 def _size(m: dict) -> int:
-    """Bytes of what the engine loads: a dense baseline's weights at the dtype it was run in (not the file's:
-    an fp32 checkpoint evaluated in bf16 is a bf16 model); an artifact without its classic-layout extra copies
-    (`export: [gptq]` writes a second checkpoint beside the compressed-tensors one)."""
-    if m["target"]["format"] == "baseline":
+    """Bytes of what the engine loads: for an artifact that stores no files (the dense source itself), its
+    weights at the dtype it was run in (not the file's: an fp32 checkpoint evaluated in bf16 is a bf16 model),
+    else `info.weight_bytes`; otherwise its files less the extra copies it declares `not_loaded` (e.g. a
+    second, classic layout beside the compressed-tensors checkpoint)."""
+    if not m["files"]:
         info, dtype = m["info"], baseline_run_dtype(m)
         if dtype and info.get("param_count"):
             return info["param_count"] * ITEMSIZE[dtype]
         return info.get("weight_bytes", 0)
-    return m["total_size"] - sum(e.get("bytes", 0) for e in m["info"].get("exports", {}).values())
+    extra = tuple(m["info"].get("not_loaded") or ())
+    return m["total_size"] - sum(f["size"] for f in m["files"] if extra and f["path"].startswith(extra))
 
 
 def _throughput(m: dict) -> dict | None:
     return m.get("metrics", {}).get("throughput")
 
 
+def _same_setup(a: dict, b: dict) -> bool:
+    """Two speed records can be divided only if one engine on one device (by name) on one host made both,
+    under one protocol (the key also covers library versions and kernel data)."""
+    return all(a.get(k) == b.get(k) for k in ("engine", "device", "host", "key"))
+
+
 def _speed_reference(m: dict, manifests: list[dict]) -> dict | None:
-    """Speedups compare like with like: the dense model measured in the same engine. For the transformers
-    engine that is the baseline; for others (llama.cpp) an artifact marked `info.dense_reference` (F16 GGUF)."""
+    """Speedups compare like with like: the dense model measured by the same engine on the same device, i.e.
+    an artifact that declares `info.dense_reference` (the unquantized baseline, a dense GGUF, ...). No such
+    record: no speedup ("-")."""
     tp = _throughput(m)
     if not tp:
         return None
     same_src = [o for o in manifests if o["source"]["fingerprint"] == m["source"]["fingerprint"] and _throughput(o)
-                and _throughput(o)["engine"] == tp["engine"] and _throughput(o)["key"] == tp["key"]]
+                and _same_setup(_throughput(o), tp)]
     for o in same_src:
-        if o["target"]["format"] == "baseline" or o["info"].get("dense_reference"):
+        if o["info"].get("dense_reference"):
             return o
     return None
 
@@ -62,7 +71,7 @@ def _decode(m: dict) -> float | None:
 def rows(manifests: Iterable[dict]) -> list[dict]:
     """One row per artifact; each is compared with the baseline of the same source model, if present."""
     manifests = list(manifests)  # read several times below; Store.list() is a generator
-    baselines = {m["source"]["fingerprint"]: m for m in manifests if m["target"]["format"] == "baseline"}
+    baselines = {m["source"]["fingerprint"]: m for m in manifests if m["info"].get("quality_reference")}
     out = []
     for m in manifests:
         base = baselines.get(m["source"]["fingerprint"])
@@ -71,14 +80,16 @@ def rows(manifests: Iterable[dict]) -> list[dict]:
                "format": m["target"]["format"], "scheme": m["target"]["scheme"], "engine": m["engine"],
                "size_mb": round(_size(m) / 1e6, 1),
                "size_basis": (f"weights at {baseline_run_dtype(m)}, the dtype it ran in" if
-                              m["target"]["format"] == "baseline" and baseline_run_dtype(m) else "files"),
+                              not m["files"] and baseline_run_dtype(m) else "files"),
                "x_vs_16bit": round(ref16 / _size(m), 2) if ref16 and _size(m) else None, "ppl": {},
-               "gate": None}  # a recipe's current verdict, filled by gates.apply; never read from the manifest
+               "gate": None,  # a recipe's current verdict, filled by gates.apply; never read from the manifest
+               "quality_reference": bool(m["info"].get("quality_reference"))}
         tp, ref = _throughput(m), _speed_reference(m, manifests)
         if tp:
             first = next(iter(tp["batches"].values()))
             rf = tp.get("roofline", {})
-            row.update({"speed_engine": tp["engine"], "prefill_tok_s": first["prefill_tok_s"],
+            row.update({"speed_engine": tp["engine"], "speed_device": tp.get("device"),
+                        "serving_engine": tp.get("serving_engine"), "prefill_tok_s": first["prefill_tok_s"],
                         "decode_tok_s": _decode(m), "ttft_p50_s": first.get("ttft_p50_s"),
                         "decode_pct_of_bound": rf.get("decode_pct_of_bound"),
                         "weight_bytes_per_token": rf.get("bytes_per_token")})
@@ -170,22 +181,35 @@ def protocol_note(rs: list[dict]) -> str:
     return "; ".join(seen[d] for d in sorted(seen))
 
 
+def speed_note(rs: list[dict]) -> str:
+    """One line: which engine on which device produced the speed columns."""
+    made = sorted({(r["speed_engine"], r.get("speed_device") or "?") for r in rs if r.get("speed_engine")})
+    if not made:
+        return ""
+    by = "; ".join(f"`{e}` on {d}" for e, d in made)
+    return (f"Speed columns measured by {by}: each speedup divides by the dense model timed by the same engine on "
+            "the same device (else \"-\"); vLLM, SGLang or TensorRT-LLM serving may be faster or slower.")
+
+
 def to_markdown(rs: list[dict], title: str = "") -> str:
     header, body = _flat(rs)
     lines = [f"## {title}", ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(b) + " |" for b in body]
     lines += ["", f"Perplexity protocol: {protocol_note(rs)}."]
+    if speed_note(rs):
+        lines += [speed_note(rs)]
     if any(p.get("change_se_pct") for r in rs for p in r["ppl"].values()):
         lines += ["`±`: standard error of the change, from the per-window differences to the baseline on the same "
                   "windows (more windows shrink it by the square root)."]
     lines += [f"Size of `{r['target']}`: {r['size_basis']} (not its file size)." for r in rs
               if r.get("size_basis", "files") != "files"]
-    if any(r.get("speed_engine") == "transformers-eager" for r in rs):
-        lines += ["Speed from `transformers-eager` is a reference measurement of eager PyTorch, not a serving "
-                  "engine's speedup. Decode speedup compares with the dense model in the same engine; `bound` is "
-                  "the memory-bandwidth bound on it (weight bytes read per token); `% of bound` is measured decode "
-                  "as a share of bandwidth / weight bytes."]
+    reference_only = sorted({r["speed_engine"] for r in rs if r.get("serving_engine") is False})
+    if reference_only:
+        lines += [f"Speed from {', '.join(f'`{e}`' for e in reference_only)} is a reference measurement, not "
+                  "a serving engine's speedup. Decode speedup compares with the dense model in the same engine; "
+                  "`bound` is the memory-bandwidth bound on it (weight bytes read per token); `% of bound` is "
+                  "measured decode as a share of bandwidth / weight bytes."]
     return "\n".join(lines) + "\n"
 
 
@@ -212,6 +236,8 @@ def print_table(rs: list[dict], console: Console | None = None, title: str = "")
         t.add_row(*b)
     console.print(t)
     console.print(f"[dim]perplexity: {protocol_note(rs)}[/]")
+    if speed_note(rs):
+        console.print(f"[dim]{speed_note(rs)}[/]", highlight=False)
 
 
 def to_html(rs: list[dict], title: str = "quantkit report", image: str | None = None) -> str:
@@ -225,7 +251,7 @@ def to_html(rs: list[dict], title: str = "quantkit report", image: str | None = 
             "body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
             "padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}</style></head><body>"
             f"<h2>{html.escape(title)}</h2><table><tr>{th}</tr>{trs}</table>"
-            f"<p>{html.escape(protocol_note(rs))}</p>{img}</body></html>\n")
+            f"<p>{html.escape(protocol_note(rs))}</p><p>{html.escape(speed_note(rs))}</p>{img}</body></html>\n")
 
 
 RENDERERS = {"md": to_markdown, "csv": to_csv, "json": to_json, "html": to_html}

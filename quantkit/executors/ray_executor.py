@@ -97,7 +97,10 @@ def build_target(loaded, source, calibration, plan, store_uri: str, store_option
     saved = os.dup(1)
     os.dup2(2, 1)
     try:
-        manifest = _build_one(ctx, st, plan, wants, Console(stderr=True), result)
+        # the worker's own wants: a speed key names the device and host that measure it (this worker's)
+        from quantkit.evaluation.run import wanted
+
+        manifest = _build_one(ctx, st, plan, wanted(ctx) if wants else wants, Console(stderr=True), result)
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)

@@ -1,0 +1,174 @@
+"""Kernel-backed linear modules, one per weight kind, each with a reference path (dequantized matmul) that runs
+anywhere and computes the same function; the kernels come from maintained libraries:
+
+- fp8: `torch._scaled_mm` (cuBLASLt, fast accumulation). Per-tensor scales go into the GEMM; per-row scales
+  either into the GEMM (`rowwise`: scale_a (M, 1), scale_b (1, N)) or, since torch's rowwise kernel is slow at
+  decode sizes on sm90 (research/gpu-engines.md), as a unit-scale GEMM followed by a multiply that
+  `torch.compile` fuses (`epilogue`). Activations are quantized here (per tensor static, or per token).
+- int8: gemlite `A8W8_int8_dynamic` (Triton; per-token activation quantization inside gemlite).
+- int4: gemlite `A16W4_HQQ_INT` (any group size, zero points) or torch's tinygemm `_weight_int4pack_mm`
+  (groups 32..256, zero point folded into a float offset). `Int4Linear.kernel` says which.
+- dense: `torch.nn.Linear`.
+Activation quantization formulas are shared by the kernel and reference paths, so their difference is only
+the GEMM's arithmetic.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantkit.evaluation.kernels.weights import QuantWeight
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def token_scale(x: torch.Tensor, qmax: float) -> torch.Tensor:
+    """Per-token (row) scale amax/qmax in fp32, as compressed-tensors and gemlite compute it."""
+    return (x.abs().amax(-1, keepdim=True).float() / qmax).clamp(min=1e-6)
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+class Fp8Linear(nn.Module):
+    def __init__(self, qw: QuantWeight, device, dtype, reference: bool, rowwise: str = "epilogue"):
+        super().__init__()
+        self.weight = nn.Parameter(qw.weight.to(device), requires_grad=False)
+        self.register_buffer("w_scale", qw.weight_scale.float().to(device))
+        self.register_buffer("in_scale", None if qw.input_scale is None else qw.input_scale.float().to(device))
+        self.register_buffer("bias", None if qw.bias is None else qw.bias.to(device, dtype))
+        self.register_buffer("one", torch.ones((), device=device))
+        self.dtype, self.reference, self.rowwise = dtype, reference, rowwise
+        self.kernel = "reference" if reference else ("scaled_mm-tensor" if self._per_tensor() else f"scaled_mm-{rowwise}")
+
+    def _per_tensor(self) -> bool:
+        return self.w_scale.dim() == 0 and self.in_scale is not None
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        sx = self.in_scale if self.in_scale is not None else token_scale(x, FP8_MAX)
+        xq = quantize_fp8(x, sx)
+        ws = self.w_scale if self.w_scale.dim() == 0 else self.w_scale.view(1, -1)
+        if self.reference:
+            y = ((xq.float() * sx) @ self.weight.float().t()) * ws
+        elif self._per_tensor():
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=ws, out_dtype=self.dtype,
+                                 use_fast_accum=True)
+        elif self.rowwise == "rowwise":
+            m, n = x.shape[0], self.weight.shape[0]
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx.expand(m, 1).contiguous(),
+                                 scale_b=ws.expand(1, n).contiguous(), out_dtype=self.dtype, use_fast_accum=True)
+        else:  # unit-scale GEMM, scales applied by a (compile-fused) multiply on its output
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=self.one, scale_b=self.one, out_dtype=self.dtype,
+                                 use_fast_accum=True) * (sx * ws)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(self.dtype).view(*shape[:-1], -1)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, qw: QuantWeight, device, dtype, reference: bool):
+        super().__init__()
+        self.dtype, self.reference = dtype, reference
+        self.kernel = "reference" if reference else "gemlite-A8W8_int8_dynamic"
+        if reference:
+            self.register_buffer("weight", qw.weight.to(device))
+            self.register_buffer("w_scale", qw.weight_scale.float().view(-1, 1).to(device))
+            self.register_buffer("bias", None if qw.bias is None else qw.bias.to(device, dtype))
+        else:
+            from gemlite.helper import A8W8_int8_dynamic
+
+            self.gemlite = A8W8_int8_dynamic(device=device, dtype=dtype).from_weights(
+                qw.weight.to(device), scales=qw.weight_scale.float().view(-1, 1).to(device),
+                bias=None if qw.bias is None else qw.bias.to(device, dtype))
+
+    def forward(self, x):
+        if not self.reference:
+            return self.gemlite(x)
+        sx = token_scale(x, 127.0)
+        xq = (x.float() / sx).clamp(-128, 127).round()
+        y = (xq * sx) @ (self.weight.float() * self.w_scale).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(self.dtype)
+
+
+def tinygemm_scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype) -> torch.Tensor:
+    """tinygemm dequantizes w = (q - 8) * s + offset: for W = (q - z) * s the offset is (8 - z) * s.
+    Layout (ngroups, N, 2)."""
+    s = scale.to(torch.float32)
+    return torch.stack([s, (8.0 - zero.float()) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, qw: QuantWeight, device, dtype, kernel: str):
+        super().__init__()
+        self.dtype, self.kernel, self.group_size = dtype, kernel, qw.group_size
+        self.out_features = qw.q.shape[0]
+        self.register_buffer("perm", None if qw.perm is None else qw.perm.to(device))
+        pqs = qw.pre_quant_scale
+        self.register_buffer("pre_quant_scale", None if pqs is None else pqs.to(device, dtype))
+        self.register_buffer("bias", None if qw.bias is None else qw.bias.to(device, dtype))
+        q = qw.q.to(device)
+        if kernel == "reference":
+            self.register_buffer("q", q)
+            self.register_buffer("scale", qw.scale.to(device, torch.float32))
+            self.register_buffer("zero", qw.zero.to(device, torch.float32))
+        elif kernel == "gemlite":
+            from gemlite.helper import A16W4_HQQ_INT
+
+            self.gemlite = A16W4_HQQ_INT(device=device, dtype=dtype).from_weights(
+                q, qw.scale.to(device, dtype), qw.zero.to(device, dtype))
+        elif kernel == "tinygemm":
+            if str(device).startswith("cuda"):
+                packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+                self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(packed, 8))
+            else:  # torch's CPU build of the same kernel (used by the tests to check the conversion)
+                self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 8))
+            self.register_buffer("sz", tinygemm_scales_and_zeros(qw.scale, qw.zero, dtype).to(device))
+        else:
+            raise ValueError(f"unknown int4 kernel {kernel!r}")
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale
+        if self.perm is not None:
+            x = x[:, self.perm]
+        if self.kernel == "gemlite":
+            y = self.gemlite(x)
+        elif self.kernel == "tinygemm":
+            mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+            y = mm(x.to(self.dtype), self.packed, self.group_size, self.sz)
+        else:
+            g = torch.arange(self.q.shape[1], device=x.device) // self.group_size
+            w = (self.q.float() - self.zero[:, g]) * self.scale[:, g]
+            y = x.float() @ w.t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(self.dtype).view(*shape[:-1], self.out_features)
+
+
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, device, dtype) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight.to(device, dtype), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.to(device, dtype), requires_grad=False)
+    lin.kernel = "reference" if str(device) == "cpu" else "cublas-bf16"
+    return lin
+
+
+def make_linear(qw: QuantWeight, device, dtype, kernels: dict[str, str]) -> nn.Module:
+    """The module for one linear; `kernels` maps kind -> kernel name ("reference" = dequantized matmul)."""
+    k = kernels.get(qw.kind, "reference")
+    if qw.kind == "dense":
+        return dense_linear(qw.weight, qw.bias, device, dtype)
+    if qw.kind == "fp8":
+        return Fp8Linear(qw, device, dtype, reference=k == "reference", rowwise=k.removeprefix("scaled_mm-"))
+    if qw.kind == "int8":
+        return Int8Linear(qw, device, dtype, reference=k == "reference")
+    return Int4Linear(qw, device, dtype, kernel=k)

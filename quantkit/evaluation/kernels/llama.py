@@ -1,0 +1,141 @@
+"""The compiled engine's model definition (gpt-fast design): a Llama-family decoder with a static KV cache.
+
+Why not the transformers model itself: its decode step builds masks and cache bookkeeping in Python on every
+call, which is what a CUDA graph must not contain (the 1.5 ms/step loop measured in research/gpu-engines.md),
+and it keeps the linears as `nn.Linear`. Here the linears are whatever module `make_linear` returns (kernel-
+backed), the KV cache is a pair of preallocated buffers written in place, and one decode step is a
+pure function of (token ids, position) that can be captured in a CUDA graph. Norm, rotary embedding and
+activation are transformers' own (`LlamaRMSNorm`, `LlamaRotaryEmbedding`, `ACT2FN`), so the arithmetic matches
+the transformers engine's; tests check the perplexities agree.
+
+Covered: `model_type` llama / mistral (without sliding window) / qwen2 (q/k/v bias): the architectures whose
+decoder is norm -> GQA attention with rotary -> norm -> gated MLP.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def unsupported(config) -> str | None:
+    """Why this model cannot run here (None if it can)."""
+    if config.model_type not in SUPPORTED:
+        return f"model_type {config.model_type!r} (supported: {', '.join(SUPPORTED)})"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) and \
+            config.model_type == "mistral":
+        return "sliding-window attention"
+    return None
+
+
+class KVCache(nn.Module):
+    def __init__(self, shape, dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device))
+
+
+class Attention(nn.Module):
+    def __init__(self, config, make_linear, prefix: str):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.q_proj = make_linear(f"{prefix}.q_proj")
+        self.k_proj = make_linear(f"{prefix}.k_proj")
+        self.v_proj = make_linear(f"{prefix}.v_proj")
+        self.o_proj = make_linear(f"{prefix}.o_proj")
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, pos):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if self.cache is not None:  # gpt-fast's pattern: an in-place index_put on a buffer (inductor keeps it in place)
+            self.cache.k[:, :, pos] = k
+            self.cache.v[:, :, pos] = v
+        if t > 1 or self.cache is None:  # scoring / prefill from position 0: causal attention over the new tokens
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv)
+        else:  # decode: one query per sequence against the whole cache, grouped by KV head (no GQA expansion)
+            g = self.n_heads // self.n_kv
+            qg = q.view(b, self.n_kv, g, self.head_dim)
+            scores = (qg @ self.cache.k.transpose(-1, -2)).float() * self.head_dim ** -0.5
+            keys = torch.arange(self.cache.k.shape[2], device=x.device)
+            scores = scores.masked_fill((keys > pos[-1]).view(1, 1, 1, -1), float("-inf"))
+            y = (scores.softmax(-1).to(v.dtype) @ self.cache.v).view(b, self.n_heads, 1, self.head_dim)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config, make_linear, prefix: str):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.gate_proj = make_linear(f"{prefix}.gate_proj")
+        self.up_proj = make_linear(f"{prefix}.up_proj")
+        self.down_proj = make_linear(f"{prefix}.down_proj")
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config, make_linear, i: int):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Attention(config, make_linear, f"model.layers.{i}.self_attn")
+        self.mlp = MLP(config, make_linear, f"model.layers.{i}.mlp")
+
+    def forward(self, x, cos, sin, pos):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, pos)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Decoder(nn.Module):
+    """Parameter names follow the HF checkpoint (`model.layers.N....`, `lm_head`), so `load_state_dict` takes
+    the artifact's non-linear tensors as they are."""
+
+    def __init__(self, config, make_linear):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
+
+        self.config = config
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(Block(config, make_linear, i) for i in range(config.num_hidden_layers))
+        self.model.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = make_linear("lm_head")
+        self.rotary = LlamaRotaryEmbedding(config)
+
+    def setup_cache(self, batch: int, max_len: int, dtype, device) -> None:
+        for layer in self.model.layers:
+            a = layer.self_attn
+            a.cache = KVCache((batch, a.n_kv, max_len, a.head_dim), dtype, device)
+
+    def drop_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """ids (batch, t) at positions `pos` (t,) -> logits (batch, t, vocab), or (batch, 1, vocab) for the
+        last position only (generation needs no more: a 2048-token prefill at batch 64 would otherwise
+        materialise 33 GB of logits)."""
+        x = self.model.embed_tokens(ids)
+        cos, sin = self.rotary(x, pos.unsqueeze(0))
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, pos)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import shutil
 import sys
 import tempfile
@@ -24,16 +25,16 @@ from quantkit.code_identity import code_identity
 from quantkit.context import BuildContext
 from quantkit.errors import UserError
 from quantkit.executors import get_executor
+from quantkit.evaluation.checks import Subject, run_checks
+from quantkit.evaluation.in_memory import score_in_memory
 from quantkit.evaluation.run import Want, evaluate, have_keys, measurable, wanted
-from quantkit.formats import Format, TargetOptions, get_format
+from quantkit.formats import Format, TargetOptions, get_format, reference_format
 from quantkit.formats._storage_dtype import storage_dtype
 from quantkit.recipe.loader import LoadedRecipe
 from quantkit.sources.resolve import resolve_source
 from quantkit.store.manifest import merge
 from quantkit.store.store import Store
 from quantkit.util import StagePeak, host_info, library_versions, peak_rss_mb, sha256_json
-
-BASELINE = "baseline"
 
 
 @dataclass
@@ -76,7 +77,8 @@ def store_uri(loaded: LoadedRecipe, override: str | None) -> str:
 def _plans(ctx: BuildContext, only: list[str] | None) -> list[Plan]:
     targets = list(ctx.loaded.targets)
     if ctx.recipe.baseline:
-        targets.insert(0, get_format(BASELINE).Options(name=BASELINE, format=BASELINE))
+        ref = reference_format()
+        targets.insert(0, ref.Options(name=ref.name, format=ref.name))
     names = [t.name for t in targets]
     only = only or None  # typer gives [] when --target is absent
     for name in only or ():
@@ -93,7 +95,7 @@ def _plans(ctx: BuildContext, only: list[str] | None) -> list[Plan]:
     for t in targets:
         fmt = get_format(t.format)
         for v in fmt.variants(t):
-            if only is not None and t.name not in only and v.name != BASELINE:
+            if only is not None and t.name not in only and not fmt.reference:
                 continue
             inputs = key_inputs(ctx, fmt, v)
             key = sha256_json(inputs)
@@ -169,7 +171,7 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
                 result.manifests.append(manifest)
                 progress and progress.finished(manifest)
                 continue
-            if plan.fmt.name != BASELINE:  # targets go to the executor; the baseline first, here
+            if not plan.fmt.reference:  # targets go to the executor; the reference first, here
                 queued.append(plan)
                 continue
             result.manifests.append(_build_one(ctx, st, plan, wants, console, result))
@@ -220,6 +222,7 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
     console.print(f"[bold]{opts.name}[/] ({fmt.describe(opts)}): building")
     staging = ctx.workdir / "stage" / plan.artifact_id
     staging.mkdir(parents=True)
+    ctx.score_in_memory = functools.partial(score_in_memory, ctx)  # the evaluation layer, offered to formats
     t0 = time.perf_counter()
     ctx.devices = {}
     with _stage(result, f"{opts.name}: produce"):
@@ -230,6 +233,11 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
         console.print(f"  {stage}: {where}", highlight=False)
     with _stage(result, f"{opts.name}: evaluate"):
         metrics = merge({}, evaluate(ctx, produced.engine, staging, produced.entry, wants, console))
+    checks = {}
+    if produced.checks:  # the artifact's own evaluation steps; a failing cross-check publishes nothing
+        with _stage(result, f"{opts.name}: checks"):
+            checks = run_checks(Subject(ctx, produced.engine, staging, produced.entry, metrics),
+                                produced.checks, console)
     needs_calib = fmt.needs_calibration(opts)
     manifest = {
         "id": plan.artifact_id,
@@ -247,6 +255,7 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
         "versions": library_versions(),
         "info": produced.info,
         "metrics": metrics,
+        "checks": checks,
         "build": {"produce_s": round(build_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
                   "peak_rss_mb": round(peak_rss_mb(), 1), "argv": sys.argv, "key_inputs": plan.key_inputs,
                   "devices": dict(ctx.devices)},

@@ -206,7 +206,7 @@ def plan(recipe_or_model: str = typer.Argument(..., help="a recipe YAML, a model
             fmt = get_format(t.format)
             for v in fmt.variants(t):
                 m = built.get(v.name)
-                extra = tuple(e["dir"] + "/" for e in (m["info"].get("exports") or {}).values()) if m else ()
+                extra = tuple(m["info"].get("not_loaded") or ()) if m else ()
                 weights = m and sum(f["size"] for f in m["files"] if f["path"].endswith((".safetensors", ".gguf"))
                                     and not f["path"].startswith(extra or ("\0",)))
                 if weights:

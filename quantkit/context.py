@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from quantkit.calibration import CalibrationSet, build_calibration, calibration_fingerprint, load_texts
 
@@ -14,6 +14,12 @@ if TYPE_CHECKING:  # annotations only: what a format's code identity covers foll
 
 
 class BuildContext:
+    # Perplexity of an in-memory model on the build's verification windows, `score_in_memory(model) -> record`,
+    # for numbers that exist only during `produce` (a quantizer's fake-quant model). Set by the orchestrator to
+    # the evaluation layer's scorer (quantkit.evaluation.in_memory): this module is part of every artifact's code
+    # identity and imports no evaluation code.
+    score_in_memory: Callable[[Any], dict] | None = None
+
     def __init__(self, loaded: LoadedRecipe, source: ModelSource, workdir: Path):
         self.loaded = loaded
         self.recipe = loaded.recipe

@@ -38,7 +38,8 @@ def pareto_png(rs: list[dict], path: Path, title: str) -> Path | None:
         sel = [r for r in pts if r["speed_engine"] == eng]
         ax.scatter([r["decode_speedup"] for r in sel], [r["ppl"][ds]["change_pct"] for r in sel],
                    s=[60 + 900 * r["size_mb"] / biggest for r in sel], alpha=0.6, color=f"C{i}",
-                   label=f"engine: {eng}" + (" (reference, not serving)" if eng == "transformers-eager" else ""))
+                   label=f"engine: {eng}" + (" (reference, not serving)"
+                                             if any(r.get("serving_engine") is False for r in sel) else ""))
         f = frontier([(r["decode_speedup"], r["ppl"][ds]["change_pct"]) for r in sel])
         ax.plot([p[0] for p in f], [p[1] for p in f], "--", color=f"C{i}", linewidth=1)
     ax.autoscale_view()

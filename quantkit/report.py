@@ -24,15 +24,17 @@ def baseline_run_dtype(m: dict) -> str | None:
 
 
 def _size(m: dict) -> int:
-    """Bytes of what the engine loads: a dense baseline's weights at the dtype it was run in (not the file's:
-    an fp32 checkpoint evaluated in bf16 is a bf16 model); an artifact without its classic-layout extra copies
-    (`export: [gptq]` writes a second checkpoint beside the compressed-tensors one)."""
-    if m["target"]["format"] == "baseline":
+    """Bytes of what the engine loads: for an artifact that stores no files (the dense source itself), its
+    weights at the dtype it was run in (not the file's: an fp32 checkpoint evaluated in bf16 is a bf16 model),
+    else `info.weight_bytes`; otherwise its files less the extra copies it declares `not_loaded` (e.g. a
+    second, classic layout beside the compressed-tensors checkpoint)."""
+    if not m["files"]:
         info, dtype = m["info"], baseline_run_dtype(m)
         if dtype and info.get("param_count"):
             return info["param_count"] * ITEMSIZE[dtype]
         return info.get("weight_bytes", 0)
-    return m["total_size"] - sum(e.get("bytes", 0) for e in m["info"].get("exports", {}).values())
+    extra = tuple(m["info"].get("not_loaded") or ())
+    return m["total_size"] - sum(f["size"] for f in m["files"] if extra and f["path"].startswith(extra))
 
 
 def _throughput(m: dict) -> dict | None:
@@ -46,16 +48,16 @@ def _same_setup(a: dict, b: dict) -> bool:
 
 
 def _speed_reference(m: dict, manifests: list[dict]) -> dict | None:
-    """Speedups compare like with like: the dense model measured by the same engine on the same device. For
-    transformers-loadable artifacts that is the baseline; for others (llama.cpp) an artifact marked
-    `info.dense_reference` (F16 GGUF). No such record: no speedup ("-")."""
+    """Speedups compare like with like: the dense model measured by the same engine on the same device, i.e.
+    an artifact that declares `info.dense_reference` (the unquantized baseline, a dense GGUF, ...). No such
+    record: no speedup ("-")."""
     tp = _throughput(m)
     if not tp:
         return None
     same_src = [o for o in manifests if o["source"]["fingerprint"] == m["source"]["fingerprint"] and _throughput(o)
                 and _same_setup(_throughput(o), tp)]
     for o in same_src:
-        if o["target"]["format"] == "baseline" or o["info"].get("dense_reference"):
+        if o["info"].get("dense_reference"):
             return o
     return None
 
@@ -69,7 +71,7 @@ def _decode(m: dict) -> float | None:
 def rows(manifests: Iterable[dict]) -> list[dict]:
     """One row per artifact; each is compared with the baseline of the same source model, if present."""
     manifests = list(manifests)  # read several times below; Store.list() is a generator
-    baselines = {m["source"]["fingerprint"]: m for m in manifests if m["target"]["format"] == "baseline"}
+    baselines = {m["source"]["fingerprint"]: m for m in manifests if m["info"].get("quality_reference")}
     out = []
     for m in manifests:
         base = baselines.get(m["source"]["fingerprint"])
@@ -78,15 +80,17 @@ def rows(manifests: Iterable[dict]) -> list[dict]:
                "format": m["target"]["format"], "scheme": m["target"]["scheme"], "engine": m["engine"],
                "size_mb": round(_size(m) / 1e6, 1),
                "size_basis": (f"weights at {baseline_run_dtype(m)}, the dtype it ran in" if
-                              m["target"]["format"] == "baseline" and baseline_run_dtype(m) else "files"),
+                              not m["files"] and baseline_run_dtype(m) else "files"),
                "x_vs_16bit": round(ref16 / _size(m), 2) if ref16 and _size(m) else None, "ppl": {},
                "gate": None,  # a recipe's current verdict, filled by gates.apply; never read from the manifest
+               "quality_reference": bool(m["info"].get("quality_reference")),
                "weights": m["source"].get("weights", "real")}  # "dummy": random weights, sizes and speeds only
         tp, ref = _throughput(m), _speed_reference(m, manifests)
         if tp:
             first = next(iter(tp["batches"].values()))
             rf = tp.get("roofline", {})
-            row.update({"speed_engine": tp["engine"], "speed_device": tp.get("device"), "prefill_tok_s": first["prefill_tok_s"],
+            row.update({"speed_engine": tp["engine"], "speed_device": tp.get("device"),
+                        "serving_engine": tp.get("serving_engine"), "prefill_tok_s": first["prefill_tok_s"],
                         "decode_tok_s": _decode(m), "ttft_p50_s": first.get("ttft_p50_s"),
                         "decode_pct_of_bound": rf.get("decode_pct_of_bound"),
                         "weight_bytes_per_token": rf.get("bytes_per_token")})
@@ -202,11 +206,12 @@ def to_markdown(rs: list[dict], title: str = "") -> str:
                   "windows (more windows shrink it by the square root)."]
     lines += [f"Size of `{r['target']}`: {r['size_basis']} (not its file size)." for r in rs
               if r.get("size_basis", "files") != "files"]
-    if any(r.get("speed_engine") == "transformers-eager" for r in rs):
-        lines += ["Speed from `transformers-eager` is a reference measurement of eager PyTorch, not a serving "
-                  "engine's speedup. Decode speedup compares with the dense model in the same engine; `bound` is "
-                  "the memory-bandwidth bound on it (weight bytes read per token); `% of bound` is measured decode "
-                  "as a share of bandwidth / weight bytes."]
+    reference_only = sorted({r["speed_engine"] for r in rs if r.get("serving_engine") is False})
+    if reference_only:
+        lines += [f"Speed from {', '.join(f'`{e}`' for e in reference_only)} is a reference measurement, not "
+                  "a serving engine's speedup. Decode speedup compares with the dense model in the same engine; "
+                  "`bound` is the memory-bandwidth bound on it (weight bytes read per token); `% of bound` is "
+                  "measured decode as a share of bandwidth / weight bytes."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,11 +1,11 @@
 """Write README's architecture support table from the architecture matrix's test results.
 
     python -m pytest tests/test_arch_matrix.py tests/test_gguf_import_archs.py   # writes the JSON (conftest)
-    python scripts/arch_support_table.py [--json .pytest_cache/arch-matrix.json] [--readme README.md]
+    python scripts/arch_support_table.py [--json .pytest_cache/arch-matrix.json ...] [--readme README.md]
 
 Each cell is architecture x format (with the engine that scored it): `ok (N)` = N tests passed for the cell,
 `no (N)` = declared unsupported and its refusal tested by N tests (the reason is listed under the table),
-`FAIL` = a test failed. The JSON is copied to docs/benchmarks/arch-matrix.json with the table.
+`FAIL` = a test failed, `-` = not in the matrix (the reason is listed). The JSON is copied to docs/benchmarks/arch-matrix.json with the table.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ START, END = "<!-- arch-matrix:start -->", "<!-- arch-matrix:end -->"
 
 def render(cells: list[dict]) -> str:
     from quantkit.architectures import TABLE
-    from tiny_models import ARCHS
+    from tiny_models import ARCHS, NO_GGUF
 
     model_types = {"llama3": "llama", "qwen2.5": "qwen2", "qwen3": "qwen3", "mistral": "mistral", "gemma2": "gemma2",
                    "gemma3": "gemma3_text", "phi3": "phi3", "qwen3-moe": "qwen3_moe", "mixtral": "mixtral"}
@@ -55,16 +55,19 @@ def render(cells: list[dict]) -> str:
     total = sum(len(v) for v in grid.values())
     wall = sum(c.get("duration_s", 0) for c in cells)
     notes = [f"- {k}: {'; '.join(sorted(v))}" for k, v in sorted(reasons.items())]
+    notes += [f"- `-` {by_type[model_types[a]].name} x gguf/import-gguf: not testable with the tiny checkpoint ({why})"
+              for a, why in NO_GGUF.items()]
     return "\n".join([*lines, "", f"{total} cell tests, {wall:.0f} s of test time on the CPU "
                       f"(`ok (N)`: N tests passed; `no (N)`: refused by the plan in one line, N tests).", *notes])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", type=Path, default=ROOT / ".pytest_cache" / "arch-matrix.json")
+    ap.add_argument("--json", type=Path, nargs="+", default=[ROOT / ".pytest_cache" / "arch-matrix.json"],
+                    help="one or more JSON files written by test sessions (QUANTKIT_ARCH_MATRIX_JSON)")
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = ap.parse_args()
-    cells = json.loads(args.json.read_text())
+    cells = [c for f in args.json for c in json.loads(f.read_text())]
     table = render(cells)
     text = args.readme.read_text()
     if START not in text:

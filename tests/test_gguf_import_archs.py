@@ -13,10 +13,9 @@ import pytest
 
 from conftest import SMOLLM2, run_cli
 from quantkit.toolchain.llama_cpp import convert_env, convert_script
-from tiny_models import ARCHS, make_tiny
+from tiny_models import ARCHS, NO_GGUF, make_tiny
 
-# Gemma 2's converter reads only a SentencePiece tokenizer.model; the tiny checkpoints carry a BPE tokenizer
-CONVERTIBLE = [a for a in ARCHS if a != "gemma2"]
+CONVERTIBLE = [a for a in ARCHS if a not in NO_GGUF]  # see tiny_models.NO_GGUF
 REFUSED = {"mixtral": "drops the experts"}  # architecture -> what the one-line refusal says
 
 

@@ -144,3 +144,12 @@ def test_fp8_built_on_cpu_keeps_bf16_embeddings_and_is_smaller(tiny_llama, tmp_p
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_speed_keys_name_the_hardware_not_the_host():
+    import socket
+
+    from quantkit.evaluation.run import speed_context
+
+    ctx = json.dumps(speed_context())
+    assert socket.gethostname() not in ctx and "hardware" in ctx and "device" in ctx

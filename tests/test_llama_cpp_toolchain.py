@@ -140,3 +140,13 @@ def test_install_tree_is_relocatable(tmp_path):
     proc = subprocess.run([str(dst / "bin" / "llama-bench"), "--help"], capture_output=True, text=True,
                           timeout=60, env=env)
     assert "usage" in (proc.stdout + proc.stderr).lower()
+
+
+def test_run_tool_reports_the_tools_own_peak_rss():
+    """The tool's RSS, not the forked Python parent's: a 400 MB parent must not show up in it."""
+    ballast = bytearray(400 << 20)  # touched pages: resident in this (parent) process
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    proc = run_tool("llama-bench", ["--help"])
+    assert 0 < proc.peak_rss_mb < 200, proc.peak_rss_mb
+    del ballast

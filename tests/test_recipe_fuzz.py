@@ -212,3 +212,34 @@ def test_fuzzed_recipes_exit_0_or_one_line_exit_2(tmp_path):
     assert stats["inputs"] >= EXAMPLES and not stats["failures"]
     assert stats["accepted"] >= EXAMPLES // 50 and stats["rejected"] >= EXAMPLES // 2  # both sides of the contract exercised
     assert grew_mb < 300
+
+
+ARG_VALUES = st.one_of(st.integers(min_value=-(2 ** 70), max_value=2 ** 70).map(str),
+                       st.floats().map(str), st.text(max_size=12),
+                       st.sampled_from(["", "-", "--", "nan", "inf", "1e309", "0", "-1", "H100-80GB", "fp8", "bf16"]))
+PLAN_OPTIONS = ["--gpu", "--gpus", "--batch", "--context", "--kv-dtype", "--reserve-pct", "--store", "--bogus"]
+
+
+def test_fuzzed_cli_arguments_exit_0_or_one_line_exit_2(tmp_path):
+    """`quantkit plan` (all its options are numbers or names) with random values: never a traceback."""
+    config = tmp_path / "config.json"
+    config.write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, '
+                      '"intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, '
+                      '"num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": true}')
+    seen = {"inputs": 0, "exit_0": 0, "exit_2": 0}
+
+    @settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(st.sampled_from(PLAN_OPTIONS), ARG_VALUES), max_size=4))
+    def one(options):
+        argv = ["plan", str(tmp_path), "--json"] + [x for pair in options for x in pair]
+        c0 = time.process_time()
+        code, out, err = run_main(argv)
+        seen["inputs"] += 1
+        seen[f"exit_{code}"] = seen.get(f"exit_{code}", 0) + 1
+        assert "Traceback" not in out + err and code in (0, 2), (argv, code, err[-500:])
+        assert code == 0 or (len(err.splitlines()) == 1 and err.startswith("error: ")), (argv, err)
+        assert time.process_time() - c0 < LIMIT_S
+
+    one()
+    print(f"\ncli fuzz: {seen}")
+    assert seen["inputs"] >= 200 and seen["exit_0"] > 0 and seen["exit_2"] > 0

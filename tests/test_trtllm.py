@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from quantkit.formats._modelopt_check import check_checkpoint
+from quantkit.evaluation.checks.trtllm_loader import check_checkpoint
 from quantkit.store.store import Store
 
 TRTLLM_INSTALLED = importlib.util.find_spec("tensorrt_llm") is not None
@@ -183,15 +183,18 @@ def test_smollm2_exports_match_fake_quant_and_fp8_is_near_baseline(smol_built):
         info = m["info"]
         assert m["engine"] == "modelopt-dequant" and info["quant_algo"] == algo
         assert info["hf_quant_config"]["quantization"]["quant_algo"] == algo
-        assert info["loader_check"] == "passed"
+        checks = m["checks"]  # run by the evaluation layer, declared by the format
+        assert checks["trtllm-loader"]["status"] == "passed"
         # the real TensorRT-LLM, when installed, loads the export and generates (the build fails otherwise)
         if TRTLLM_INSTALLED:
-            assert info["trtllm_load"].startswith("loaded by tensorrt_llm.LLM"), info["trtllm_load"]
+            assert checks["trtllm-load"]["summary"].startswith("loaded by tensorrt_llm.LLM"), checks["trtllm-load"]
         else:
-            assert info["trtllm_load"] == "not run (tensorrt_llm not installed)"
+            assert checks["trtllm-load"]["status"] == "not run"
         # the decoded export reproduces ModelOpt's fake-quant model on the build's own windows
-        assert abs(info["reference_ppl"] / info["fake_quant"]["ppl"] - 1) <= 0.005, info
-        assert m["metrics"]["perplexity"]["wikitext2"]["ppl"] == pytest.approx(info["reference_ppl"], rel=1e-3)
+        agree = checks["perplexity-agrees"]
+        assert agree["expected_ppl"] == info["fake_quant"]["ppl"] and agree["engine"] == "modelopt-dequant"
+        assert abs(agree["ppl"] / info["fake_quant"]["ppl"] - 1) <= 0.005, agree
+        assert m["metrics"]["perplexity"]["wikitext2"]["ppl"] == pytest.approx(agree["ppl"], rel=1e-3)
         assert m["total_size"] < rows["baseline"]["size_mb"] * 1e6 * 0.5
     assert manifests["trt-int4-awq-g64"]["info"]["hf_quant_config"]["quantization"]["group_size"] == 64
     assert 0 <= rows["trt-fp8"]["ppl"]["wikitext2"]["change_pct"] < 5.0, rows["trt-fp8"]

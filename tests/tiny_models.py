@@ -7,6 +7,7 @@ quantized tensor moves it far, which a near-uniform random model (ppl ~ vocab wh
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -29,6 +30,13 @@ ARCHS: dict[str, tuple[str, dict]] = {
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
 }
 MOE = ("qwen3-moe", "mixtral")
+# Phi-4 style: llama.cpp's Phi-3 converter takes the GPT-2 BPE path only for this tokenizer class
+TOKENIZER_CLASS = {"phi3": "GPT2Tokenizer"}
+# Cells the tiny checkpoints cannot take, although real checkpoints of the family can: llama.cpp's converter
+# needs Gemma 2's SentencePiece tokenizer.model, and transformers 5 rebuilds any Qwen 2 tokenizer with Qwen's
+# own pre-tokenizer, which with SmolLM2's vocabulary hashes to nothing the converter knows
+NO_GGUF = {"gemma2": "Gemma 2's converter reads only a SentencePiece tokenizer.model",
+           "qwen2.5": "transformers rebuilds the borrowed tokenizer as Qwen2Tokenizer, unknown to the converter"}
 
 
 def make_tiny(arch: str, out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
@@ -42,6 +50,9 @@ def make_tiny(arch: str, out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for f in TOKENIZER_FILES:
         shutil.copyfile(tokenizer_dir / f, out / f)
+    if arch in TOKENIZER_CLASS:
+        cfg_path = out / "tokenizer_config.json"
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "tokenizer_class": TOKENIZER_CLASS[arch]}))
     tok = transformers.AutoTokenizer.from_pretrained(out)
     cfg = getattr(transformers, cls_name)(**{**COMMON, "vocab_size": len(tok), **extra})
     torch.manual_seed(seed)

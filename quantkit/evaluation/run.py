@@ -7,6 +7,8 @@ its meaning (protocol, dataset bytes, tokenizer, settings), and the number(s). R
 """
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +40,23 @@ def wanted(ctx) -> list[Want]:
     return out
 
 
-def speed_context() -> dict:
-    """What a speed number depends on besides the artifact and the engine: the device by name, the host, and
-    the versions of the libraries the kernels come from (with the kernel choice data shipped with them)."""
-    import socket
+def hardware() -> str:
+    """The machine as what it is (CPU model, cores, architecture), not by its name: keys hold no host names,
+    so CI runners with other names but the same hardware share measurements (the host is in each record)."""
+    import platform
 
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{model or platform.processor() or 'cpu'} x{os.cpu_count()} {platform.machine()}"
+
+
+def speed_context() -> dict:
+    """What a speed number depends on besides the artifact and the engine: the device by name, the hardware,
+    and the versions of the libraries the kernels come from (with the kernel choice data shipped with them)."""
     from quantkit.evaluation.kernels.choices import data_fingerprint
 
     try:
@@ -51,14 +65,14 @@ def speed_context() -> dict:
         device = f"cuda:{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu"
     except ImportError:
         device = "cpu"
-    return {"device": device, "host": socket.gethostname(), "kernel_data": data_fingerprint(),
+    return {"device": device, "hardware": hardware(), "kernel_data": data_fingerprint(),
             "versions": library_versions(("torch", "transformers", "triton", "gemlite", "llama-cpp-python"))}
 
 
 def measurable(engine_name: str, wants: list[Want]) -> list[Want]:
     """The wants that can be taken for an artifact of this engine, with throughput keyed by the engine that
     will time it (`speed_engine`): none can (modelopt-dequant on a CPU) -> no throughput want, so a cached
-    build does not reload the artifact for nothing; another engine on another host -> another key."""
+    build does not reload the artifact for nothing; another engine or other hardware -> another key."""
     out = []
     for w in wants:
         if w.kind != "throughput" or w.engine:
@@ -102,7 +116,7 @@ def evaluate(ctx, engine_name: str, path: Path, entry: str, wants: list[Want], c
             r = _throughput(ctx, engine_name, path, entry, console)
             if r is None:
                 continue
-            r.setdefault("host", speed_context()["host"])  # every speed record names its host
+            r.setdefault("host", socket.gethostname())  # every speed record names its host (provenance)
             # a dense source is read at the dtype it was loaded in (fp32 file evaluated as bf16 on a GPU)
             dense = Path(entry).is_absolute() and Path(entry) == ctx.source.path
             itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}.get(r.get("dtype")) if dense else None

@@ -6,9 +6,11 @@ import importlib
 import pkgutil
 from importlib.metadata import entry_points
 
-from quantkit.formats.base import _REGISTRY, DuplicateFormat, Format, Produced, TargetOptions, register
+from quantkit.formats.base import _REGISTRY, Check, DuplicateFormat, Format, Produced, TargetOptions, register
+from quantkit.formats.base import reference_format as _reference_format
 
-__all__ = ["Format", "Produced", "TargetOptions", "register", "get_format", "format_names"]
+__all__ = ["Check", "Format", "Produced", "TargetOptions", "register", "get_format", "format_names",
+           "reference_format"]
 _loaded = False
 UNAVAILABLE: dict[str, str] = {}  # module -> why it could not be imported (a missing optional dependency)
 PLUGIN_PROBLEMS: list[str] = []  # one line per third-party plugin that failed to load (shown as warnings)
@@ -49,6 +51,11 @@ def _load_plugin(ep) -> None:
 def get_format(name: str) -> Format:
     _discover()
     return _REGISTRY[name]
+
+
+def reference_format() -> Format:
+    _discover()
+    return _reference_format()
 
 
 def format_names() -> list[str]:

@@ -100,4 +100,5 @@ class AWQ(Format):
             # the table's size should be the compressed-tensors checkpoint's, not it plus the export
             info["entry_bytes"] = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
             info["exports"] = {"awq": export_classic("awq", out_dir, opts.name)}
+            info["not_loaded"] = [info["exports"]["awq"]["dir"] + "/"]  # the engine loads the checkpoint
         return Produced(info=info)

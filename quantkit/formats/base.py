@@ -37,13 +37,31 @@ class TargetOptions(BaseModel):
         return self.model_dump(mode="json", exclude=self.NOT_IDENTITY)
 
 
+@dataclass(frozen=True)
+class Check:
+    """An evaluation step the artifact needs beyond the recipe's measurements, run by the evaluation layer
+    (quantkit.evaluation.checks) by name: a cross-check that must pass before publishing, or a tool's own
+    protocol metric. `params` are the step's keyword arguments (JSON values)."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class Produced:
-    """What `produce` wrote: `entry` is what the engine opens ("." = the directory itself, or a file name)."""
+    """What `produce` wrote: `entry` is what the engine opens ("." = the directory itself, or a file name).
+
+    Keys of `info` the orchestrator and report read (declared facts, so they name no format):
+    - `dense_reference`: the unquantized model in its engine; speed-ups in that engine divide by it.
+    - `quality_reference`: the row every other artifact's perplexity change is computed against.
+    - `weight_bytes`: bytes the engine loads, where the artifact stores no files (the source itself).
+    - `not_loaded`: path prefixes of extra copies in the artifact that the engine does not load.
+    """
 
     entry: str = "."
     engine: str = "transformers"
     info: dict[str, Any] = field(default_factory=dict)  # format facts for the manifest (scheme, layers, ...)
+    checks: list[Check] = field(default_factory=list)
 
 
 class Format:
@@ -58,6 +76,9 @@ class Format:
     # it by measured times): seconds per 100M parameters: fixed, per 10k calibration tokens, and per 10k tokens
     # of one perplexity pass over the recipe's windows (formats that run verification passes inside produce).
     cost: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
+    # the recipe's `baseline: true` adds one target of the format that sets this (built first: gates need it)
+    reference: ClassVar[bool] = False
+    needs_model: ClassVar[bool] = True  # False: produce never loads the model (ctx.load_model)
 
     def needs_calibration(self, opts: TargetOptions) -> bool:
         return False
@@ -94,6 +115,11 @@ class Format:
 
 
 _REGISTRY: dict[str, Format] = {}
+
+
+def reference_format() -> Format:
+    """The format the recipe's `baseline: true` adds."""
+    return next(f for f in _REGISTRY.values() if f.reference)
 
 
 class DuplicateFormat(RuntimeError):

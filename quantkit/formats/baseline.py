@@ -26,6 +26,8 @@ def weight_stats(path: Path) -> dict:
 class Baseline(Format):
     name = "baseline"
     internal = True
+    reference = True
+    needs_model = False
     libraries = ("torch", "transformers")
 
     def describe(self, opts: TargetOptions) -> str:
@@ -33,4 +35,5 @@ class Baseline(Format):
 
     def produce(self, ctx, opts: TargetOptions, out_dir: Path) -> Produced:
         return Produced(entry=str(ctx.source.path), engine="transformers",
-                        info={**weight_stats(ctx.source.path), "dtype": ctx.recipe.model.dtype})
+                        info={**weight_stats(ctx.source.path), "dtype": ctx.recipe.model.dtype,
+                              "dense_reference": True, "quality_reference": True})

@@ -1,25 +1,22 @@
-"""GGUF through llama.cpp: HF -> F16/BF16 GGUF by llama.cpp's convert_hf_to_gguf.py, then llama.cpp's quantizer.
+"""GGUF through llama.cpp's own tools: convert_hf_to_gguf.py -> F16/BF16 GGUF, llama-imatrix, llama-quantize.
 
 One target expands into one artifact per type (`types: [F16, Q8_0, Q4_K_M]` -> `{name}-f16`, `{name}-q8_0`, ...).
 The converted intermediate file and the importance matrix are made once per build (files in ctx.workdir keyed
 by source and calibration fingerprints) and shared by the variants.
 
-Route choices:
-- Importance matrix: mean of x^2 per input column of every linear layer, collected with PyTorch forward hooks
-  on the build's model over ctx.calibration.input_ids, i.e. exactly the token windows every other format
-  calibrates on. llama-imatrix would need text, and detokenizing those windows and letting llama.cpp
-  re-tokenize them need not give the same ids back (and it chunks and adds BOS its own way). The matrix is
-  saved in llama-imatrix's GGUF format (`{tensor}.in_sum2`, `{tensor}.counts`) as `imatrix.gguf` in each
-  artifact that used it; `llama-quantize --imatrix imatrix.gguf` accepts that file.
-- Quantization: the C API (llama_model_quantize) of the pinned llama-cpp-python, in-process. The type list we
-  validate against is then exactly the list that quantizer accepts (the binding's LLAMA_FTYPE_* constants;
-  the CLI's name table lacks some, e.g. NVFP4), and the imatrix goes in through
-  llama_model_quantize_params.imatrix as the same float32 sums/counts that llama-quantize would compute.
+- Importance matrix: `llama-imatrix` over the build's calibration windows, written out as text (decoded from the
+  shared token ids; llama.cpp re-tokenizes them, so its chunks are the same text, not necessarily the same ids),
+  one chunk per window (`-c seq_len --chunks num_samples`). Saved as `imatrix.gguf` in each artifact that used it.
+- Quantization: `llama-quantize [--imatrix imatrix.gguf] F16.gguf OUT.gguf TYPE THREADS`. The type names we
+  validate against are the ones that tool lists in its usage (parsed, not a hand list).
+- Measuring is the evaluation layer's job: the artifact declares the llama.cpp perplexity protocol
+  (`llama-perplexity`) as a check; its engine ("llama.cpp") times it with `llama-bench`.
 """
 from __future__ import annotations
 
-import ctypes
 import difflib
+import functools
+import re
 import shutil
 import subprocess
 import sys
@@ -31,9 +28,10 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, StringConstraints, field_validator
 
 from quantkit.errors import UserError
-from quantkit.formats.base import Format, Produced, TargetOptions, register
+from quantkit.formats.base import Check, Format, Produced, TargetOptions, register
 from quantkit.sources.remote_code import EXIT_REFUSED, MARKER
 from quantkit.sources.remote_code import FIX as REMOTE_FIX
+from quantkit.toolchain import llama_cpp as toolchain
 
 FLOAT_TYPES = ("F32", "F16", "BF16")  # written directly by the converter
 # Types whose quantizer ignores an importance matrix (float copies; ggml's quantize_q8_0 drops quant_weights):
@@ -42,15 +40,14 @@ IMATRIX_UNUSED = {*FLOAT_TYPES, "Q8_0"}
 TENSOR_TYPE_EXCLUDED = {"I8", "I16", "I32", "I64", "F64", "Q8_1", "Q8_K"}  # not storage types for weights
 
 
+@functools.lru_cache(maxsize=None)
 def llama_ftypes() -> dict[str, int]:
-    """llama.cpp's file types by name, from the binding's LLAMA_FTYPE_* constants (not a hand list)."""
-    import llama_cpp
-
-    out = {}
-    for k in dir(llama_cpp):
-        if k.startswith("LLAMA_FTYPE_") and k != "LLAMA_FTYPE_GUESSED":
-            out[k.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_").removeprefix("ALL_")] = getattr(llama_cpp, k)
-    return out
+    """llama.cpp's file types by name, as the pinned `llama-quantize` lists them in its usage."""
+    proc = subprocess.run([str(toolchain.find_tool("llama-quantize")), "--help"], capture_output=True, text=True)
+    found = re.findall(r"^\s+(\d+)\s+or\s+(\S+)\s+:", proc.stdout + proc.stderr, re.M)
+    if not found:
+        raise UserError("llama-quantize --help listed no quantization types", fix=toolchain.SETUP_FIX)
+    return {name.upper(): int(num) for num, name in found}
 
 
 def ggml_tensor_types() -> dict[str, int]:
@@ -100,8 +97,7 @@ class GGUFOptions(TargetOptions):
     output_tensor_type: TensorType | None = None
     token_embedding_type: TensorType | None = None
     intermediate: Literal["F16", "BF16", "F32"] = "F16"  # what convert_hf_to_gguf.py writes before quantizing
-    llama_cpp_ppl_chunks: int | None = Field(32, ge=0, le=1 << 20)  # llama.cpp-protocol WikiText-2 chunks; 0 skip, null all
-    bench_reps: int = Field(5, ge=0, le=1000)  # llama-bench repetitions for pp512/tg128; 0 skips the measurement
+    llama_cpp_ppl_chunks: int | None = Field(32, ge=0, le=1 << 20)  # llama-perplexity WikiText-2 chunks; 0 skip, null all
 
     @field_validator("types")
     @classmethod
@@ -155,124 +151,48 @@ def _vocab_wrapper(model_dir: Path) -> list[str]:
     return [str(Path(__file__).with_name("_gguf_vocab.py")), source]
 
 
-def _gguf_arch(reader) -> tuple[str, int]:
-    arch = reader.fields["general.architecture"].contents()
-    return arch, int(reader.fields[f"{arch}.block_count"].contents())
-
-
-def compute_imatrix(ctx, gguf_path: Path) -> tuple[Path, dict]:
-    """Hooks on the build's model over the shared calibration windows -> imatrix GGUF (cached per build)."""
+def compute_imatrix(ctx, gguf_path: Path, threads: int) -> tuple[Path, dict]:
+    """llama-imatrix over the shared calibration windows (as text) -> imatrix GGUF (cached per build)."""
     import gguf
-    import numpy as np
-    import torch
 
     calib = ctx.calibration
     out = _workfile(ctx, f"imatrix-{ctx.source.fingerprint[:12]}-{calib.fingerprint[:12]}.gguf")
     n, seq_len = calib.input_ids.shape
-    reader = gguf.GGUFReader(str(gguf_path))
-    arch, n_blocks = _gguf_arch(reader)
-    n_in = {t.name: int(t.shape[0]) for t in reader.tensors}  # ggml ne[0] = input features
-    meta = {"method": "pytorch forward hooks: mean of x^2 per input column over the calibration windows",
-            "chunks": n, "chunk_size": seq_len, "tokens": n * seq_len, "calibration": calib.fingerprint}
-    if out.exists():
-        return out, {**meta, "entries": len(gguf.GGUFReader(str(out)).tensors) // 2}
-    arch_enum = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
-    names = gguf.get_tensor_name_map(arch_enum, n_blocks)
-    model = ctx.load_model("whole")  # a fresh read, on the GPU when there is one; freed when this returns
-    meta["device"] = ctx.devices["imatrix"] = ctx.devices.pop("whole")
-    sums: dict[str, torch.Tensor] = {}
-    hooks = []
-    for mod_name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear):
-            continue
-        g = names.get_name(mod_name)
-        # only weights the GGUF has (a tied lm_head is token_embd there, which llama.cpp does not weight)
-        if g is None or n_in.get(f"{g}.weight") != mod.in_features:
-            continue
-        key = f"{g}.weight"
-        sums[key] = torch.zeros(mod.in_features, dtype=torch.float64, device=mod.weight.device)
+    meta = {"method": "llama-imatrix over the calibration windows (decoded, re-tokenized by llama.cpp)",
+            "chunk_size": seq_len, "calibration": calib.fingerprint}
+    if not out.exists():
+        text = _workfile(ctx, f"calibration-{calib.fingerprint[:12]}.txt")
+        text.write_text("".join(ctx.tokenizer.decode(row, skip_special_tokens=False) for row in calib.input_ids))
+        part = out.with_suffix(".part.gguf")
+        proc = toolchain.run_tool("llama-imatrix", ["-m", gguf_path, "-f", text, "-c", seq_len, "--chunks", n,
+                                                    "-t", threads, "-o", part, "--no-ppl"],
+                                  log_path=_workfile(ctx, "llama-imatrix.log"))
+        over = re.search(r"computing over (\d+) chunks", proc.stdout + proc.stderr)
+        (out.parent / (out.name + ".chunks")).write_text(over.group(1) if over else "")
+        part.replace(out)
+    chunks = (out.parent / (out.name + ".chunks")).read_text()
+    return out, {**meta, "chunks": int(chunks) if chunks else None,
+                 "entries": len(gguf.GGUFReader(str(out)).tensors) // 2}
 
-        def hook(_m, args, key=key):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(sums[key].device, torch.float64)
-            sums[key] += (x * x).sum(0)
-        hooks.append(mod.register_forward_pre_hook(hook))
-    if not sums:
-        raise UserError(f"no linear layer of the model maps to a tensor of {gguf_path.name} ({arch})",
-                        fix="set imatrix: false for this architecture")
+
+def quantize(src: Path, dst: Path, qtype: str, *, imatrix: Path | None, threads: int,
+             output_tensor_type: str | None = None, token_embedding_type: str | None = None,
+             log_path: Path | None = None) -> list[str]:
+    """llama-quantize; returns its log lines (warnings, fallbacks)."""
+    args: list = []
+    if imatrix is not None:
+        args += ["--imatrix", imatrix]
+    if output_tensor_type:
+        args += ["--output-tensor-type", output_tensor_type]
+    if token_embedding_type:
+        args += ["--token-embedding-type", token_embedding_type]
     try:
-        with torch.inference_mode():
-            for start in range(0, n, 4):
-                model(input_ids=calib.input_ids[start:start + 4].to(model.device))
-    finally:
-        for h in hooks:
-            h.remove()
-    w = gguf.GGUFWriter(str(out.with_suffix(".part")), arch=arch)
-    w.add_string("general.type", "imatrix")
-    w.add_array("imatrix.datasets", [f"quantkit calibration {calib.fingerprint[:16]} "
-                                     f"({calib.meta.get('origin', '?')}, {n} x {seq_len} tokens)"])
-    w.add_uint32("imatrix.chunk_count", n)
-    w.add_uint32("imatrix.chunk_size", seq_len)
-    for key, s in sums.items():
-        w.add_tensor(f"{key}.in_sum2", s.cpu().numpy().astype(np.float32).reshape(1, -1))
-        w.add_tensor(f"{key}.counts", np.array([[n * seq_len]], dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    out.with_suffix(".part").replace(out)
-    return out, {**meta, "entries": len(sums)}
-
-
-def read_imatrix(path: Path) -> dict[str, "object"]:
-    """Per-tensor importance as llama-quantize derives it from the file: float32 in_sum2 / counts."""
-    import gguf
-    import numpy as np
-
-    r = gguf.GGUFReader(str(path))
-    t = {x.name: np.asarray(x.data, dtype=np.float32).reshape(-1) for x in r.tensors}
-    return {k[:-8]: t[k] / t[k[:-8] + ".counts"][0] for k in t if k.endswith(".in_sum2")}
-
-
-def quantize(src: Path, dst: Path, ftype: int, *, imatrix: dict | None, threads: int,
-             output_tensor_type: int | None = None, token_embedding_type: int | None = None) -> list[str]:
-    """llama_model_quantize through the binding; returns llama.cpp's log lines (warnings, fallbacks)."""
-    import llama_cpp
-    from llama_cpp import _logger
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = ftype, threads
-    if output_tensor_type is not None:
-        params.output_tensor_type = output_tensor_type
-    if token_embedding_type is not None:
-        params.token_embedding_type = token_embedding_type
-    keep = []  # the C side reads these during the call
-    if imatrix:
-        arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for i, (name, values) in enumerate(imatrix.items()):
-            keep.append(values)
-            arr[i].name = name.encode()
-            arr[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            arr[i].size = values.size
-        arr[len(imatrix)].name = None
-        params.imatrix = ctypes.cast(arr, type(params.imatrix))
-        keep.append(arr)
-    log: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def capture(level, text, _user):
-        log.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
-    try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-    lines = "".join(log).splitlines()
-    if rc != 0:
-        why = " ".join(x.strip() for x in lines if "ERROR" in x or "error" in x)[:300] or f"return code {rc}"
+        proc = toolchain.run_tool("llama-quantize", [*args, src, dst, qtype, threads], log_path=log_path)
+    except RuntimeError as e:
+        why = " ".join(x.strip() for x in str(e).splitlines() if "error" in x.lower())[:300] or str(e)[-300:]
         fix = "set imatrix: true" if "importance matrix" in why else "see llama.cpp's message"
-        raise UserError(f"llama.cpp could not quantize to {dst.stem}: {why}", fix=fix)
-    return lines
+        raise UserError(f"llama-quantize could not quantize to {qtype}: {why}", fix=fix) from None
+    return (proc.stdout + proc.stderr).splitlines()
 
 
 def gguf_facts(path: Path) -> dict:
@@ -291,23 +211,13 @@ def gguf_facts(path: Path) -> dict:
             "file_size": path.stat().st_size, "metadata": meta}
 
 
-def llama_cpp_eval_text() -> tuple[str, dict]:
-    """WikiText-2 test as llama.cpp's tables use it (wiki.test.raw): HF rows with blank lines restored."""
-    from quantkit.calibration import load_texts
-    from quantkit.util import sha256_json
-
-    src = load_texts("wikitext2", "test")
-    text = "".join(d or " \n" for d in src.docs)
-    return text, {"dataset": "wikitext2", "split": "test", "file": "wiki.test.raw", "origin": src.origin,
-                  "dataset_sha256": src.sha256, "text_sha256": sha256_json(text)}
-
-
 @register
 class GGUF(Format):
     name = "gguf"
     Options = GGUFOptions
     libraries = ("torch", "transformers", "gguf", "llama_cpp_python")
     cost = (30.0, 15.0, 0.0)  # convert + quantize + llama.cpp checks; the imatrix is one calibration pass
+    needs_model = False  # llama.cpp's tools read the converted file; the build's in-memory model is not used
 
     def needs_calibration(self, opts: GGUFOptions) -> bool:
         return opts.imatrix and any(t not in IMATRIX_UNUSED for t in opts.types)
@@ -325,11 +235,9 @@ class GGUF(Format):
         return "GGUF " + "/".join(opts.types) + ("+imatrix" if opts.imatrix else "")
 
     def produce(self, ctx, opts: GGUFOptions, out_dir: Path) -> Produced:
-        from quantkit.evaluation.engines.llama_cpp_engine import bench, default_threads, llama_cpp_perplexity
-
         (qtype,) = opts.types
         tp = ctx.recipe.eval.throughput
-        threads = (tp.threads if tp and tp.threads else None) or default_threads()
+        threads = (tp.threads if tp and tp.threads else None) or toolchain.default_threads()
         out = out_dir / f"{Path(ctx.source.path).name}-{qtype}.gguf"
         overrides = opts.output_tensor_type or opts.token_embedding_type
         t0 = time.perf_counter()
@@ -339,11 +247,10 @@ class GGUF(Format):
                       "converted_by": "convert_hf_to_gguf.py", "intermediate": base,
                       # the report's llama.cpp speedups divide by the dense GGUF measured in the same engine
                       "dense_reference": qtype in FLOAT_TYPES and not overrides}
-        imat_values = None
+        imat = None
         if opts.imatrix:
-            imat_path, imat_meta = compute_imatrix(ctx, src)
-            shutil.copyfile(imat_path, out_dir / "imatrix.gguf")
-            imat_values = read_imatrix(imat_path)
+            imat, imat_meta = compute_imatrix(ctx, src, threads)
+            shutil.copyfile(imat, out_dir / "imatrix.gguf")
             info["imatrix"] = {"used": True, "file": "imatrix.gguf", **imat_meta}
         else:
             info["imatrix"] = {"used": False}
@@ -351,18 +258,16 @@ class GGUF(Format):
             shutil.copyfile(src, out)  # the converter's output is the artifact
             log = []
         else:
-            types = ggml_tensor_types()
-            log = quantize(src, out, llama_ftypes()[qtype], imatrix=imat_values, threads=threads,
-                           output_tensor_type=types.get(opts.output_tensor_type or ""),
-                           token_embedding_type=types.get(opts.token_embedding_type or ""))
+            log = quantize(src, out, qtype, imatrix=imat, threads=threads,
+                           output_tensor_type=opts.output_tensor_type, token_embedding_type=opts.token_embedding_type,
+                           log_path=_workfile(ctx, f"llama-quantize-{opts.name}.log"))
+            info["quantized_by"] = "llama-quantize"
         info["produce_s"] = round(time.perf_counter() - t0, 2)
         info.update(gguf_facts(out))
         # llama.cpp falls back from k-quants when a row is not a multiple of 256 (SmolLM2: 576); say how often
         info["fallback_warnings"] = [x.strip() for x in log if "fallback" in x]
-        if opts.llama_cpp_ppl_chunks != 0:
-            text, text_meta = llama_cpp_eval_text()
-            info["llama_cpp_perplexity"] = {**llama_cpp_perplexity(out, text, 512, opts.llama_cpp_ppl_chunks,
-                                                                   threads), **text_meta}
-        if opts.bench_reps:
-            info["throughput"] = bench(out, 512, 128, opts.bench_reps, threads)
-        return Produced(entry=out.name, engine="llama.cpp", info=info)
+        checks = []
+        if opts.llama_cpp_ppl_chunks != 0:  # llama.cpp's own perplexity protocol, run by the evaluation layer
+            checks.append(Check("llama-perplexity", {"n_ctx": 512, "chunks": opts.llama_cpp_ppl_chunks,
+                                                     "threads": threads}))
+        return Produced(entry=out.name, engine="llama.cpp", info=info, checks=checks)

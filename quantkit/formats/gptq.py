@@ -108,4 +108,5 @@ class GPTQ(Format):
             # the table's size should be the compressed-tensors checkpoint's, not it plus the export
             info["entry_bytes"] = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
             info["exports"] = {"gptq": export_classic("gptq", out_dir, opts.name, damp_percent=opts.dampening_frac)}
+            info["not_loaded"] = [info["exports"]["gptq"]["dir"] + "/"]  # the engine loads the checkpoint
         return Produced(info=info)

@@ -50,6 +50,14 @@ def _fix_bpe_tokenizer(out: Path, eos_id: int | None) -> None:
             tc.write_text(json.dumps(cfg, ensure_ascii=False, indent=2))
 
 
+UNREADABLE = (ValueError, KeyError, EOFError, struct.error)  # what the GGUF readers raise on a truncated file
+
+
+def _unreadable(gguf_path: Path, e: Exception) -> UserError:
+    return UserError(f"cannot import {gguf_path}: {type(e).__name__}: {str(e)[:300]}",
+                     fix="check the file (truncated download?) and that transformers supports its architecture")
+
+
 def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Write a dense fp32 HF checkpoint for gguf_path at out_dir (atomically: a temp dir renamed at the end)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -66,7 +74,10 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
         raise UserError(f"{out_dir} already holds a model", fix="choose an empty OUT_DIR or delete it")
     from quantkit.sources.gguf_verify import preflight, verify_import
 
-    facts = preflight(gguf_path)
+    try:
+        facts = preflight(gguf_path)
+    except UNREADABLE as e:
+        raise _unreadable(gguf_path, e) from None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=out_dir.parent))
     try:
@@ -74,11 +85,12 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
         try:
             with refuse_remote_code():  # a GGUF holds no Python; files beside it must not bring any in
                 tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-                model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
-        except (ValueError, KeyError, EOFError, struct.error) as e:  # a truncated or unsupported GGUF
-            raise UserError(f"cannot import {gguf_path}: {type(e).__name__}: {str(e)[:300]}",
-                            fix="check the file (truncated download?) and that transformers supports its "
-                                "architecture") from None
+                # transformers' GGUF config mapping drops `attention.key_length`; models whose head_dim is not
+                # hidden/heads (Qwen3, Gemma 3) then get the default and every attention weight mismatches
+                extra = {"head_dim": facts["head_dim"]} if facts.get("head_dim") else {}
+                model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw, **extra)
+        except (*UNREADABLE, RuntimeError) as e:  # RuntimeError: transformers' loader on a shape mismatch
+            raise _unreadable(gguf_path, e) from None
         before = tokenizer(CHECK_TEXT)["input_ids"]
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)

@@ -20,12 +20,20 @@ SEQ_LEN, WINDOWS = 256, 4
 
 
 def _fields(path: Path) -> dict:
+    import struct
+
     from gguf import GGUFReader
 
-    r = GGUFReader(str(path))
-    arch = r.fields["general.architecture"].contents()
-    experts = r.fields.get(f"{arch}.expert_count")
-    return {"arch": arch, "expert_count": int(experts.contents()) if experts else 0}
+    try:
+        r = GGUFReader(str(path))
+        arch = r.fields["general.architecture"].contents()
+        experts = r.fields.get(f"{arch}.expert_count")
+        key_length = r.fields.get(f"{arch}.attention.key_length")
+    except (ValueError, KeyError, EOFError, IndexError, struct.error) as e:  # truncated or malformed
+        raise UserError(f"cannot import {path}: {type(e).__name__}: {str(e)[:300]}",
+                        fix="check the file (truncated download?)") from None
+    return {"arch": arch, "expert_count": int(experts.contents()) if experts else 0,
+            "head_dim": int(key_length.contents()) if key_length else None}
 
 
 def preflight(gguf_path: Path) -> dict:
@@ -78,7 +86,7 @@ def verify_import(gguf_path: Path, hf_dir: Path) -> dict:
     record = {"llama_cpp_ppl": round(ppl_gguf, 4), "transformers_ppl": round(ppl_hf, 4),
               "relative_difference": round(rel, 6), "limit": AGREEMENT, "dataset": "wikitext2",
               "protocol": windows.meta["protocol"], "seq_len": SEQ_LEN, "windows": int(windows.ids.shape[0]),
-              "dataset_sha256": windows.meta["dataset_sha256"], "llama_cpp": gguf_engine.get("versions", {}),
+              "dataset_sha256": windows.meta["dataset_sha256"], "versions": gguf_engine.get("versions", {}),
               "wall_s": round(time.perf_counter() - t0, 1)}
     if not math.isfinite(rel) or abs(rel) > AGREEMENT:
         raise UserError(f"import-gguf refused {gguf_path.name}: the imported checkpoint scores perplexity "

@@ -170,31 +170,54 @@ def convert_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _sample_hwm(pid: int, peak: list[float], done) -> None:
+    """Keep peak[0] = the process's VmHWM in MB (monotonic, so the last read before exit is its peak)."""
+    path = f"/proc/{pid}/status"
+    while True:
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peak[0] = max(peak[0], int(line.split()[1]) / 1024)
+        except (OSError, ValueError):
+            return  # exited (or not Linux)
+        if done.wait(0.05):
+            return
+
+
 def run_tool(name: str, args: Sequence[str | os.PathLike], *, log_path: Path | None = None
              ) -> subprocess.CompletedProcess:
     """Run a llama.cpp tool, capturing output (llama.cpp logs mostly to stderr).
 
     The full output goes to log_path when given; a failure raises RuntimeError carrying the
     last stderr lines so the caller's one-line error still shows llama.cpp's actual reason.
-    The result carries `peak_rss_mb`: the tool's own peak RSS (wait4's rusage of that child).
+    The result carries `peak_rss_mb`: the tool's own peak RSS (VmHWM of its process, sampled while it runs;
+    wait4's ru_maxrss would include the forked Python parent's RSS from before exec).
     """
     import tempfile
+    import threading
 
     cmd = [str(find_tool(name)), *map(str, args)]
+    peak = [0.0]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         p = subprocess.Popen(cmd, stdout=out, stderr=err)
+        done = threading.Event()
+        sampler = threading.Thread(target=_sample_hwm, args=(p.pid, peak, done), daemon=True)
+        sampler.start()
         try:
-            _, status, usage = os.wait4(p.pid, 0)
+            p.wait()
         except BaseException:
             p.kill()
             p.wait()
             raise
-        p.returncode = os.waitstatus_to_exitcode(status)
+        finally:
+            done.set()
+            sampler.join()
         out.seek(0)
         err.seek(0)
         proc = subprocess.CompletedProcess(cmd, p.returncode, out.read().decode(errors="replace"),
                                            err.read().decode(errors="replace"))
-    proc.peak_rss_mb = usage.ru_maxrss / 1024  # Linux reports KiB
+    proc.peak_rss_mb = peak[0]
     if log_path is not None:
         log_path = Path(log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)

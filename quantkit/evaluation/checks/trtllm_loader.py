@@ -26,35 +26,19 @@ import re
 import struct
 from pathlib import Path
 
-# tensorrt_llm/quantization/mode.py QuantAlgo (newest stored version, plus names model_config.py refers to)
-QUANT_ALGOS = {
-    "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL",
-    "W8A8_SQ_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN",
-    "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN", "W4A8_QSERVE_PER_GROUP", "W4A8_QSERVE_PER_CHANNEL", "FP8",
-    "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES", "INT8", "MIXED_PRECISION", "NVFP4", "W4A8_NVFP4_FP8",
-    "W4A8_MXFP4_FP8", "W4A8_MXFP4_MXFP8", "W4A16_MXFP4", "MXFP8", "W4A16_NVFP4", "NO_QUANT",
-}
-KV_CACHE_QUANT_ALGOS = {"FP8", "INT8", "NVFP4"}  # mode.py KV_CACHE_QUANT_ALGO_LIST
+from quantkit.errors import UserError
+from quantkit.evaluation.checks import Subject, register_check
+from quantkit.toolchain.tensorrt_llm import KV_CACHE_QUANT_ALGOS, algo_problem
+
 # Algorithms this check knows the linear layout of (linear.py: FP8QDQLinearMethod, W4A16_AWQ_LinearMethod,
 # W4A8_AWQ_LinearMethod, NVFP4LinearMethod).
 CHECKED_ALGOS = {"FP8", "W4A16_AWQ", "W4A8_AWQ", "NVFP4"}
-# linear.py get_quant_method has no branch for INT8 weights with INT8 activations: it raises
-# ValueError('unsupported quant mode') for every dense layer.
-REJECTED_ALGOS = {a: "tensorrt_llm/_torch/modules/linear.py get_quant_method has no INT8 SmoothQuant linear "
-                     "(raises 'unsupported quant mode')" for a in QUANT_ALGOS if a.startswith("W8A8_SQ")}
 FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FLOAT = {"F32", "BF16", "F16"}
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 QUANT_LEAVES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
-
-
-def algo_problem(quant_algo: str | None) -> str | None:
-    """Why TRT-LLM cannot serve `quant_algo` at all, or None (used before spending time on calibration)."""
-    if quant_algo not in QUANT_ALGOS:
-        return f"quant_algo {quant_algo!r} is not a TensorRT-LLM QuantAlgo (tensorrt_llm/quantization/mode.py)"
-    return REJECTED_ALGOS.get(quant_algo)
 
 
 def read_headers(path: Path) -> dict[str, dict]:
@@ -293,3 +277,33 @@ def _check_kv_scales(tensors, kv_algo) -> list[str]:
         if n.endswith((".k_scale", ".v_scale")) and (tensors[n]["dtype"] not in FLOAT or _numel(tensors[n]) != 1):
             p.append(f"{n}: {tensors[n]['dtype']} {list(tensors[n]['shape'])}, expected one float")
     return p
+
+
+@register_check("trtllm-loader")
+def loader_check(subject: Subject) -> dict:
+    """The export passes TensorRT-LLM's loader rules (above); else the build fails and nothing is published."""
+    problems = check_checkpoint(Path(subject.path) / subject.entry)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"export fails TensorRT-LLM's loader check: {problems[0]}{more}")
+    return {"status": "passed", "summary": "passed (TensorRT-LLM loader rules)"}
+
+
+@register_check("trtllm-load")
+def trtllm_load(subject: Subject) -> dict:
+    """Load with the real TensorRT-LLM where it exists (a GPU host); never claim a load that did not happen."""
+    import contextlib
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt_llm") is None:
+        return {"status": "not run", "summary": "not run (tensorrt_llm not installed)"}
+    try:
+        from tensorrt_llm import LLM, SamplingParams
+
+        llm = LLM(model=str(Path(subject.path) / subject.entry))
+        text = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8))[0].outputs[0].text
+        with contextlib.suppress(Exception):
+            llm.shutdown()
+    except Exception as e:  # noqa: BLE001 - any failure means the target cannot load the artifact
+        raise UserError(f"tensorrt_llm.LLM failed on the export: {type(e).__name__}: {e}") from None
+    return {"status": "passed", "generated": text, "summary": f"loaded by tensorrt_llm.LLM; generated {text!r}"}

@@ -138,7 +138,7 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
         wants = wanted(ctx)
     try:
         todo = [p for p in plans if not st.has(p.artifact_id)]
-        if any(p.fmt.name != BASELINE for p in todo):  # decided before any work: bad offload/gpus fail first
+        if any(p.fmt.needs_model for p in todo):  # decided before any work: bad offload/gpus fail first
             console.print(f"placement: {ctx.placement.describe()}", highlight=False)
             for note in ctx.placement.notes:
                 console.print(f"  {note}", highlight=False)

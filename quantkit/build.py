@@ -138,11 +138,12 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
         wants = wanted(ctx)
     try:
         todo = [p for p in plans if not st.has(p.artifact_id)]
+        if any(p.fmt.needs_model for p in todo):  # decided before any work: bad offload/gpus fail first
+            console.print(f"placement: {ctx.placement.describe()}", highlight=False)
+            for note in ctx.placement.notes:
+                console.print(f"  {note}", highlight=False)
         if progress:
             progress.planned(ctx, plans, {p.artifact_id for p in plans} - {p.artifact_id for p in todo})
-        if runner.in_process and any(p.fmt.needs_model for p in todo):
-            with _stage(result, "load model (once)"):
-                ctx.base_model  # noqa: B018 - loaded here so its cost is not charged to the first target
         if todo:
             with _stage(result, "baseline sanity check"):
                 sanity = _sanity(ctx, no_sanity_check, console)
@@ -223,10 +224,13 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
     staging.mkdir(parents=True)
     ctx.score_in_memory = functools.partial(score_in_memory, ctx)  # the evaluation layer, offered to formats
     t0 = time.perf_counter()
+    ctx.devices = {}
     with _stage(result, f"{opts.name}: produce"):
         produced = fmt.produce(ctx, opts, staging)
     build_s = time.perf_counter() - t0
     console.print(f"  produced in {build_s:.1f} s")
+    for stage, where in ctx.devices.items():
+        console.print(f"  {stage}: {where}", highlight=False)
     with _stage(result, f"{opts.name}: evaluate"):
         metrics = merge({}, evaluate(ctx, produced.engine, staging, produced.entry, wants, console))
     checks = {}
@@ -253,7 +257,8 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
         "metrics": metrics,
         "checks": checks,
         "build": {"produce_s": round(build_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
-                  "peak_rss_mb": round(peak_rss_mb(), 1), "argv": sys.argv, "key_inputs": plan.key_inputs},
+                  "peak_rss_mb": round(peak_rss_mb(), 1), "argv": sys.argv, "key_inputs": plan.key_inputs,
+                  "devices": dict(ctx.devices)},
     }
     manifest["total_size"] = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
     if produced.entry == str(ctx.source.path):

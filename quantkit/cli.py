@@ -173,8 +173,11 @@ def plan(recipe_or_model: str = typer.Argument(..., help="a recipe YAML, a model
          context: int = typer.Option(4096, min=1, max=1 << 24, help="tokens per sequence (prompt + generation)"),
          kv_dtype: str = typer.Option("bf16", help="KV cache dtype: bf16 | fp16 | fp8"),
          reserve_pct: float = typer.Option(10.0, min=0, max=99, help="% of GPU memory reserved for activations/runtime"),
+         host_ram: Optional[str] = typer.Option(None, help="host RAM of the build machine, e.g. 128GB: adds the "
+                                                "per-target build plan (host/GPU memory, time) for a recipe"),
          store: Optional[str] = StoreOpt, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Which artifact fits which GPU: weights + KV cache + reserve, and the largest batch that fits."""
+    """Which artifact fits which GPU: weights + KV cache + reserve, and the largest batch that fits; with
+    --host-ram, what building each target needs (and a refusal when one cannot fit)."""
     from rich.table import Table
 
     from quantkit import planner
@@ -184,15 +187,18 @@ def plan(recipe_or_model: str = typer.Argument(..., help="a recipe YAML, a model
     if kv_bytes is None:
         raise UserError(f"--kv-dtype {kv_dtype!r}: expected bf16, fp16 or fp8")
     candidates = []
+    gpu = planner.resolve_gpu(gpu)
+    build_needs = None
     if recipe_or_model.endswith((".yaml", ".yml")):
         from quantkit.recipe.loader import load_recipe
 
         loaded = load_recipe(recipe_or_model)
-        src = loaded.recipe.model.source
-        local = loaded.path.parent / src
-        ref = str(local) if local.exists() else (f"{src}@{loaded.recipe.model.revision}"
-                                                 if loaded.recipe.model.revision else src)
-        shape = planner.shape_from_config(planner.load_config(ref))
+        config = planner.recipe_config(loaded.recipe.model, loaded.path.parent)
+        shape = planner.shape_from_config(config)
+        if host_ram is not None:
+            from quantkit import build_plan
+
+            build_needs = build_plan.plan_recipe(loaded, config, gpu, gpus, build_plan.parse_bytes(host_ram))
         built = {m["target"]["name"]: m for m in _open_store(store or loaded.recipe.store.uri, must_exist=False).list()
                  if m["recipe"]["name"] == loaded.recipe.name}
         candidates.append(planner.nominal_candidate("baseline (16-bit)", shape, None))
@@ -208,6 +214,9 @@ def plan(recipe_or_model: str = typer.Argument(..., help="a recipe YAML, a model
                 else:
                     candidates.append(planner.nominal_candidate(v.name, shape, fmt.nominal_bits(v) or 16))
     else:
+        if host_ram is not None:
+            raise UserError("--host-ram plans a build: give a recipe YAML",
+                            fix="quantkit plan RECIPE --host-ram 128GB")
         shape = planner.shape_from_config(planner.load_config(recipe_or_model))
         candidates.append(planner.nominal_candidate("baseline (16-bit)", shape, None))
         for name in format_names():
@@ -222,7 +231,8 @@ def plan(recipe_or_model: str = typer.Argument(..., help="a recipe YAML, a model
                     candidates.append(planner.nominal_candidate(f"{v.name} ({fmt.describe(v)})", shape, bits))
     rows = planner.plan_rows(shape, candidates, gpu, gpus, batch, context, kv_bytes, reserve_pct)
     if as_json:
-        print(json.dumps({"shape": shape.__dict__, "rows": rows}, indent=2))
+        print(json.dumps({"shape": shape.__dict__, "rows": rows,
+                          **({"build": [n.__dict__ for n in build_needs]} if build_needs else {})}, indent=2))
         return
     t = Table(title=f"{recipe_or_model} on {gpus} x {gpu}, batch {batch}, context {context}, KV {kv_dtype}, "
                     f"reserve {reserve_pct:g}%")
@@ -234,6 +244,11 @@ def plan(recipe_or_model: str = typer.Argument(..., help="a recipe YAML, a model
                   f"{r['need_gb']:.2f}", f"{r['capacity_gb']:.0f}", "fits" if r["fits"] else "does not fit",
                   str(r["max_batch"]), r["basis"])
     out.print(t)
+    if build_needs is not None:
+        from quantkit import build_plan
+
+        out.print(build_plan.table(build_needs, f"building {recipe_or_model} on {gpus} x {gpu}, host RAM {host_ram}"))
+        build_plan.refuse_unfit(build_needs)
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,8 +1,7 @@
-"""What a format gets to work with: the source model (loaded once per build), its tokenizer and the shared
-calibration set (sampled once per build). Everything is lazy so a build that is all cache hits loads nothing."""
+"""What a format gets to work with: the source model (read fresh from its files for each target, placed by
+quantkit/placement.py), its tokenizer and the shared calibration set (sampled once per build). Everything is lazy so a build that is all cache hits loads nothing."""
 from __future__ import annotations
 
-import copy
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -26,6 +25,7 @@ class BuildContext:
         self.recipe = loaded.recipe
         self.source = source
         self.workdir = workdir
+        self.devices: dict[str, str] = {}  # stage -> where it ran, for the current target (the manifest's record)
 
     @cached_property
     def tokenizer_fingerprint(self) -> str:
@@ -69,17 +69,69 @@ class BuildContext:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     @cached_property
-    def base_model(self):
-        """Loaded once; formats that change weights in place must take `fresh_model()` instead."""
+    def weight_bytes(self) -> float:
+        """The weights at the dtype they are loaded in (what one copy of the model costs)."""
+        from quantkit.formats.baseline import weight_stats
+
+        stats = weight_stats(self.source.path)
+        return stats["param_count"] * self.torch_dtype.itemsize
+
+    @cached_property
+    def placement(self):
+        from quantkit.placement import decide, probe
+
+        return decide(self.recipe.model, self.weight_bytes, probe())
+
+    @cached_property
+    def meta_model(self):
+        """The architecture on the meta device: module names and shapes for option checks, no memory."""
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.from_pretrained(self.source.path, trust_remote_code=self.recipe.model.trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=self.recipe.model.trust_remote_code)
+
+    def load_model(self, purpose: str = "layerwise"):
+        """A fresh model read from the source files for one target, never a copy of another target's: the
+        safetensors are memory-mapped, so re-reading costs page-cache hits and a build of N targets holds one
+        copy at a time. `layerwise`: for llm-compressor, which onloads one layer at a time to the GPU itself
+        (weights stay in host RAM or on disk, by `placement`). `whole`: for forward passes quantkit or ModelOpt
+        drive; on the GPU when it fits, else across GPU(s) and host RAM."""
         from transformers import AutoModelForCausalLM
 
-        m = AutoModelForCausalLM.from_pretrained(self.source.path, dtype=self.torch_dtype, **self.load_kwargs)
+        from quantkit.placement import probe, whole_model_device_map
+
+        kw = dict(dtype=self.torch_dtype, **self.load_kwargs)
+        pl = self.placement
+        if purpose == "whole":
+            device_map, where = whole_model_device_map(self.weight_bytes, probe())
+            m = AutoModelForCausalLM.from_pretrained(self.source.path, device_map=device_map, **kw)
+        elif pl.weights == "disk":
+            from compressed_tensors.offload import load_offloaded_model
+
+            import shutil
+            import tempfile
+            import weakref
+
+            # nothing in host RAM beyond one layer onloaded at a time: every weight is read back from the folder,
+            # a private one per target, removed with the model
+            folder = tempfile.mkdtemp(prefix="quantkit-offload-", dir=pl.offload_dir)
+            with load_offloaded_model():
+                m = AutoModelForCausalLM.from_pretrained(
+                    self.source.path, device_map="auto_offload", max_memory={"cpu": 0}, offload_folder=folder,
+                    **kw)
+            weakref.finalize(m, shutil.rmtree, folder, True)
+            where = pl.describe()
+        elif pl.weights == "gpu":
+            m = AutoModelForCausalLM.from_pretrained(self.source.path, device_map={"": 0}, **kw)
+            where = pl.describe()
+        else:
+            m = AutoModelForCausalLM.from_pretrained(self.source.path, **kw)
+            where = pl.describe()
+        self.devices[purpose] = where
         m.eval()
         return m
-
-    def fresh_model(self):
-        """A private copy of the loaded model (no second read from disk)."""
-        return copy.deepcopy(self.base_model)
 
     @cached_property
     def _calib_text(self):
@@ -106,3 +158,9 @@ class BuildContext:
         ids = self.calibration.input_ids
         return datasets.Dataset.from_dict({"input_ids": ids.tolist(),
                                            "attention_mask": torch.ones_like(ids).tolist()})
+
+    def oneshot_calibration_kwargs(self) -> dict:
+        """llm-compressor `oneshot` arguments for the shared calibration set, in its order, unshuffled."""
+        ids = self.calibration.input_ids
+        return dict(dataset=self.calibration_dataset(), num_calibration_samples=ids.shape[0],
+                    max_seq_length=ids.shape[1], shuffle_calibration_samples=False)

@@ -69,6 +69,21 @@ def nominal_candidate(name: str, shape: ModelShape, bits: float | None) -> Candi
     return Candidate(name, shape.linear_params * bits / 8 + shape.other_params * 2, f"config, {bits:g} bits/weight")
 
 
+def resolve_gpu(name: str) -> str:
+    """A gpus.yaml key from its exact name or its model name when only one size is listed (`H200`)."""
+    table = gpu_table()
+    if name in table:
+        return name
+    hits = [k for k in table if k.split("-")[0].lower() == name.lower()]  # the model name alone: H200
+    if len(hits) == 1:
+        return hits[0]
+    import difflib
+
+    close = hits or difflib.get_close_matches(name, list(table), n=1)
+    raise UserError(f"--gpu {name!r} unknown" + (f" (did you mean {' or '.join(close)}?)" if close else "") +
+                    f"; known: {', '.join(table)}", fix=f"add it to {GPUS_FILE}")
+
+
 def plan_rows(shape: ModelShape, candidates: list[Candidate], gpu: str, gpus: int, batch: int, context: int,
               kv_dtype_bytes: float = 2, reserve_pct: float = 10.0) -> list[dict]:
     table = gpu_table()
@@ -100,6 +115,9 @@ def load_config(ref: str) -> dict:
     if (p / "config.json").exists():
         return json.loads((p / "config.json").read_text())
     repo, _, rev = ref.removeprefix("hf://").partition("@")
+    shipped = shipped_config(repo)
+    if shipped is not None:  # the hub's numbers, shipped: planning needs no network
+        return shipped
     try:
         from huggingface_hub import hf_hub_download
 
@@ -107,3 +125,22 @@ def load_config(ref: str) -> dict:
     except Exception as e:  # offline, gated, or not a repo: the user needs the same advice
         raise UserError(f"cannot read config.json for {ref!r} ({type(e).__name__})",
                         fix="give a local model dir or config.json, or run where the hub is reachable") from None
+
+
+def shipped_config(repo: str) -> dict | None:
+    """config.json of a hub model whose architecture ships in quantkit/data/architectures (hub.yaml)."""
+    arch = Path(__file__).parent / "data" / "architectures"
+    name = (yaml.safe_load((arch / "hub.yaml").read_text()) or {}).get(repo)
+    return json.loads((arch / f"{name}.json").read_text()) if name else None
+
+
+def recipe_config(spec, base_dir: Path) -> dict:
+    """The architecture a recipe's model.source names, without loading weights (dummy sources included)."""
+    src = spec.source
+    if src.startswith("dummy:"):
+        from quantkit.sources.dummy import arch_config
+
+        cfg, _ = arch_config(src.removeprefix("dummy:"), base_dir)
+        return {**cfg, "num_hidden_layers": spec.layers or cfg["num_hidden_layers"]}
+    local = base_dir / src
+    return load_config(str(local) if local.exists() else (f"{src}@{spec.revision}" if spec.revision else src))

@@ -7,7 +7,6 @@ not a measurement: nothing here is stored.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -40,7 +39,6 @@ class BuildProgress:
         self.console = console or Console(stderr=True)
         self.items: dict[str, _Item] = {}
         self.manifests: list[dict] = []
-        self.t0 = time.perf_counter()
 
     def planned(self, ctx, plans, cached_ids: set[str]) -> None:
         params = _param_count(ctx)

@@ -83,7 +83,8 @@ def rows(manifests: Iterable[dict]) -> list[dict]:
                               not m["files"] and baseline_run_dtype(m) else "files"),
                "x_vs_16bit": round(ref16 / _size(m), 2) if ref16 and _size(m) else None, "ppl": {},
                "gate": None,  # a recipe's current verdict, filled by gates.apply; never read from the manifest
-               "quality_reference": bool(m["info"].get("quality_reference"))}
+               "quality_reference": bool(m["info"].get("quality_reference")),
+               "weights": m["source"].get("weights", "real")}  # "dummy": random weights, sizes and speeds only
         tp, ref = _throughput(m), _speed_reference(m, manifests)
         if tp:
             first = next(iter(tp["batches"].values()))
@@ -98,7 +99,8 @@ def rows(manifests: Iterable[dict]) -> list[dict]:
                 row["decode_speedup"] = round(_decode(m) / _decode(ref), 3)
                 if rref.get("bytes_per_token") and rf.get("bytes_per_token"):
                     row["speedup_bound"] = round(rref["bytes_per_token"] / rf["bytes_per_token"], 3)
-        for ds, met in sorted(m.get("metrics", {}).get("perplexity", {}).items()):
+        quality = {} if row["weights"] == "dummy" else m.get("metrics", {}).get("perplexity", {})
+        for ds, met in sorted(quality.items()):
             b = base and base.get("metrics", {}).get("perplexity", {}).get(ds)
             same = b and b.get("key") == met.get("key")  # compare only numbers from one protocol
             row["ppl"][ds] = {"ppl": round(met["ppl"], 3),

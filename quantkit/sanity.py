@@ -58,12 +58,14 @@ def _next_token_text(model, tokenizer, prompt: str) -> str:
 
 
 def check_baseline(ctx) -> dict:
-    """Run both checks on ctx.base_model; returns the record for the manifests or raises a one-line UserError."""
+    """Run both checks on the baseline model (read fresh, on the GPU when there is one, freed after); returns
+    the record for the manifests or raises a one-line UserError."""
     from quantkit.evaluation.engines.transformers_engine import Loaded, TransformersEngine
     from quantkit.evaluation.perplexity import make_windows, perplexity
 
     t0 = time.perf_counter()
-    model, tok = ctx.base_model, ctx.tokenizer
+    model, tok = ctx.load_model("whole"), ctx.tokenizer
+    ctx.devices.pop("whole", None)
     ppl_spec = ctx.recipe.eval.perplexity
     dataset = ppl_spec.datasets[0] if ppl_spec and ppl_spec.datasets else "wikitext2"
     seq_len = min(ppl_spec.seq_len if ppl_spec else MAX_SEQ_LEN, MAX_SEQ_LEN)

@@ -117,3 +117,11 @@ class StagePeak:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, current_rss_mb())
+
+
+def quiet_llmcompressor() -> None:
+    """llm-compressor logs through loguru at INFO (plus a METRIC line per quantized module: thousands for a real
+    model), which buries quantkit's own progress; its LLM_COMPRESSOR_LOG_LEVEL still overrides this."""
+    from llmcompressor import LoggerConfig, configure_logger
+
+    configure_logger(LoggerConfig(console_log_level="ERROR"))

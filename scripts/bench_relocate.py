@@ -5,7 +5,7 @@
 3. the same again (the hashes are memoised by path, size and mtime).
 Prints each run's wall time, what it built and whether it measured anything.
 
-    .venv/bin/python scripts/bench_relocate.py [RECIPE] [--max-windows N]
+    .venv/bin/python scripts/bench_relocate.py [RECIPE] [--max-windows N] [--store DIR] [--target NAME ...]
 """
 from __future__ import annotations
 
@@ -31,12 +31,13 @@ def recipe_at(where: Path, base: Path, model: Path, store: Path, max_windows: in
     return f
 
 
-def build(recipe: Path, data: Path, label: str) -> dict:
+def build(recipe: Path, data: Path, label: str, targets: list[str]) -> dict:
     env = {**os.environ, "QUANTKIT_DATA": str(data), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "quantkit.cli", "build", str(recipe), "--json", "--report-dir",
-                        str(recipe.parent / "reports")], capture_output=True, text=True, env=env, cwd=recipe.parent)
+                        str(recipe.parent / "reports"), *(a for t in targets for a in ("--target", t))],
+                       capture_output=True, text=True, env=env, cwd=recipe.parent)
     wall = time.perf_counter() - t0
     if r.returncode not in (0, 3):
         sys.exit(f"{label}: exit {r.returncode}\n{r.stderr[-3000:]}")
@@ -50,10 +51,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("recipe", nargs="?", default=str(ROOT / "recipes" / "smollm2-135m-fp8.yaml"))
     ap.add_argument("--max-windows", type=int, default=None, help="fewer perplexity windows (a faster first build)")
+    ap.add_argument("--store", type=Path, default=None, help="store dir (default: a fresh one)")
+    ap.add_argument("--target", action="append", default=[], help="only these targets (and the baseline)")
     args = ap.parse_args()
     base = Path(args.recipe).resolve()
     tmp = Path(tempfile.mkdtemp(prefix="quantkit-relocate-"))
-    store = tmp / "store"
+    store = args.store or tmp / "store"
     import yaml
 
     from quantkit.recipe.loader import load_recipe
@@ -62,14 +65,14 @@ def main() -> None:
     model = (base.parent / source).resolve() if not source.is_absolute() else source
     runs = []
     here = recipe_at(tmp / "a", base, model, store, args.max_windows)
-    runs.append(build(here, DATA, "first build (empty store)"))
-    runs.append(build(here, DATA, "again, same places (plain cache hit)"))
+    runs.append(build(here, DATA, "first build" + ("" if args.store else " (empty store)"), args.target))
+    runs.append(build(here, DATA, "again, same places (plain cache hit)", args.target))
     data_copy, model_copy = tmp / "elsewhere" / "data", tmp / "elsewhere" / "models" / model.name
     shutil.copytree(DATA, data_copy)
     shutil.copytree(model, model_copy)
     there = recipe_at(tmp / "elsewhere" / "recipe", base, model_copy, store, args.max_windows)
-    runs.append(build(there, data_copy, "data and model copied elsewhere (first time there)"))
-    runs.append(build(there, data_copy, "again, copied places"))
+    runs.append(build(there, data_copy, "data and model copied elsewhere (first time there)", args.target))
+    runs.append(build(there, data_copy, "again, copied places", args.target))
     same_rows = all(r["rows"] == runs[0]["rows"] for r in runs[1:])
     for r in runs:
         print(f"{r['run']:<52} {r['wall_s']:>8.2f} s   built {r['built']}, from store {r['cached']}, "
@@ -77,9 +80,10 @@ def main() -> None:
     size = sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) / 1e6
     print(f"model {model} ({size:.0f} MB), data {DATA} -> copies under {tmp / 'elsewhere'}; "
           f"report rows identical in every run: {same_rows}")
-    print(yaml.safe_dump({"host": os.uname().nodename, "cpus": os.cpu_count(), "recipe": str(base),
-                          "max_windows": args.max_windows}, sort_keys=False), end="")
-    shutil.rmtree(tmp, ignore_errors=True)
+    print(yaml.safe_dump({"host": os.uname().nodename, "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+                          "recipe": str(base), "max_windows": args.max_windows, "targets": args.target or "all",
+                          "store": str(store)}, sort_keys=False), end="")
+    shutil.rmtree(tmp / "elsewhere", ignore_errors=True)
 
 
 if __name__ == "__main__":

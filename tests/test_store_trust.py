@@ -68,7 +68,13 @@ def test_hostile_eval_records_and_names(store_uri, tmp_path):
     assert st.verify() == []
 
 
-def test_oversized_manifest_is_refused_unread():
+def test_oversized_manifest_is_refused_reading_at_most_the_limit(tmp_path):
+    st = Store(str(tmp_path / "s"))
+    st.publish(make_artifact(tmp_path / "a", 6), fake_manifest("big.t.1"))
+    with open(st.manifest_path("big.t.1"), "r+b") as f:
+        f.truncate(16 << 30)  # a 16 GiB (sparse) "manifest": read whole, it would exhaust memory
+    with pytest.raises(BadManifest, match="limit"):
+        st.raw_manifest("big.t.1")
     with pytest.raises(BadManifest, match="limit"):
         parse_manifest(b" " * (MAX_MANIFEST_BYTES + 1), "manifest x", "x")
 

@@ -30,7 +30,7 @@ class Want:
 def wanted(ctx) -> list[Want]:
     ev = ctx.recipe.eval
     out = []
-    if ev.perplexity:
+    if ev.perplexity and not ctx.source.dummy:  # random weights: a perplexity would measure nothing
         p = ev.perplexity
         out += [Want("perplexity", d, window_key(d, ctx.tokenizer_fingerprint, p.seq_len, p.max_windows))
                 for d in p.datasets]

@@ -1,4 +1,4 @@
-"""The default executor: targets one after another in this process (the model is loaded once, shared)."""
+"""The default executor: targets one after another in this process (each reads the model fresh from its files)."""
 from __future__ import annotations
 
 import ctypes
@@ -7,7 +7,7 @@ from typing import Iterator
 
 
 def release_memory() -> None:
-    """Hand a finished target's tensors back to the OS. Each target deep-copies the model and frees it; without
+    """Hand a finished target's tensors back to the OS. Each target reads its own model and frees it; without
     a collection and glibc's malloc_trim the freed arenas stay in the process, so peak RSS grew target by
     target (1.8 -> 3.7 GB over four llm-compressor targets on SmolLM2) though nothing was still in use."""
     gc.collect()

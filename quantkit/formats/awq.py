@@ -67,6 +67,9 @@ class AWQ(Format):
     def needs_calibration(self, opts: AWQOptions) -> bool:
         return True
 
+    def build_profile(self, opts: AWQOptions) -> tuple[str, str]:
+        return "layerwise", "awq"
+
     def describe(self, opts: AWQOptions) -> str:
         return f"AWQ {label(opts.bits, opts.group_size, symmetric=False)}"
 
@@ -75,7 +78,7 @@ class AWQ(Format):
 
     def produce(self, ctx, opts: AWQOptions, out_dir: Path) -> Produced:
         ignore = ignore_for(ctx, opts.ignore)
-        plan = plan_groups(ctx.base_model, opts.group_size, ignore, opts.indivisible, opts.name)
+        plan = plan_groups(ctx.meta_model, opts.group_size, ignore, opts.indivisible, opts.name)
         if opts.export and plan.fallback:  # AWQ GEMM configs are global (unquantized layers can be listed)
             raise UserError(f"export awq: the AWQ GEMM layout has one group size for every layer, but "
                             f"`indivisible: fallback` changes {plan.summary}", where=f"target {opts.name}",

@@ -78,7 +78,7 @@ class Format:
     cost: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
     # the recipe's `baseline: true` adds one target of the format that sets this (built first: gates need it)
     reference: ClassVar[bool] = False
-    needs_model: ClassVar[bool] = True  # False: produce never touches ctx.base_model (no load for it)
+    needs_model: ClassVar[bool] = True  # False: produce never loads the model (ctx.load_model)
 
     def needs_calibration(self, opts: TargetOptions) -> bool:
         return False
@@ -102,6 +102,13 @@ class Format:
         fixed, per_calib, per_pass = self.cost
         calib = calib_tokens / 1e4 if self.needs_calibration(opts) else 0.0
         return params / 1e8 * (fixed + per_calib * calib + per_pass * pass_tokens / 1e4)
+
+    def build_profile(self, opts: TargetOptions) -> tuple[str, str] | None:
+        """(how the model is walked, algorithm) for the build planner (quantkit/build_plan.py): how is one of
+        "model-free" (shards streamed, no model), "layerwise" (llm-compressor's sequential onloading), "whole"
+        (forward passes over the whole model), "convert" (a tool reads the files); algorithm names a row of
+        quantkit/data/build_costs.yaml. None: the planner cannot predict this format."""
+        return None
 
     def produce(self, ctx: "BuildContext", opts: TargetOptions, out_dir: Path) -> Produced:
         raise NotImplementedError

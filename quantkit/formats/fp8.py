@@ -42,6 +42,9 @@ class FP8(Format):
     def nominal_bits(self, opts: FP8Options) -> float:
         return 8.0  # per-channel/per-tensor fp32 scales add < 0.1 bit per weight
 
+    def build_profile(self, opts: FP8Options) -> tuple[str, str]:
+        return ("layerwise", "observe") if opts.scheme == "static" else ("model-free", "rtn")
+
     def produce(self, ctx, opts: FP8Options, out_dir: Path) -> Produced:
         from llmcompressor.modifiers.quantization import QuantizationModifier
 

@@ -222,6 +222,9 @@ class GGUF(Format):
     def needs_calibration(self, opts: GGUFOptions) -> bool:
         return opts.imatrix and any(t not in IMATRIX_UNUSED for t in opts.types)
 
+    def build_profile(self, opts: GGUFOptions) -> tuple[str, str]:
+        return ("whole", "imatrix") if opts.imatrix else ("convert", "gguf")
+
     def variants(self, opts: GGUFOptions) -> list[GGUFOptions]:
         # imatrix is switched off where the type ignores it, so those variants need (and key on) no calibration
         return [opts.model_copy(update={"name": f"{opts.name}-{t.lower()}", "types": [t],

@@ -77,9 +77,12 @@ class GPTQ(Format):
     def nominal_bits(self, opts: GPTQOptions) -> float:
         return nominal_bits(opts.bits, opts.group_size, opts.symmetric)
 
+    def build_profile(self, opts: GPTQOptions) -> tuple[str, str]:
+        return ("layerwise", "gptq") if opts.algorithm == "gptq" else ("model-free", "rtn")
+
     def produce(self, ctx, opts: GPTQOptions, out_dir: Path) -> Produced:
         ignore = ignore_for(ctx, opts.ignore)
-        plan = plan_groups(ctx.base_model, opts.group_size, ignore, opts.indivisible, opts.name)
+        plan = plan_groups(ctx.meta_model, opts.group_size, ignore, opts.indivisible, opts.name)
         if opts.export and (plan.fallback or plan.extra_ignore):
             # v1 configs are global: loaders replace every decoder Linear with one QuantLinear shape
             raise UserError(f"export gptq: the GPTQ v1 layout has one group size for every layer, but "

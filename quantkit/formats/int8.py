@@ -69,6 +69,11 @@ class INT8(Format):
     def nominal_bits(self, opts: INT8Options) -> float:
         return 8.0  # one scale per output channel adds < 0.1 bit per weight
 
+    def build_profile(self, opts: INT8Options) -> tuple[str, str]:
+        if not self.needs_calibration(opts):
+            return "model-free", "rtn"
+        return "layerwise", ("smoothquant+" if opts.smoothing_strength is not None else "") + opts.algorithm
+
     def produce(self, ctx, opts: INT8Options, out_dir: Path) -> Produced:
         from llmcompressor.modifiers.gptq import GPTQModifier
         from llmcompressor.modifiers.quantization import QuantizationModifier

@@ -114,6 +114,9 @@ class TRTLLM(Format):
     def needs_calibration(self, opts: TRTLLMOptions) -> bool:
         return True  # every scheme calibrates static scales (FP8 inputs, AWQ search, SmoothQuant)
 
+    def build_profile(self, opts: TRTLLMOptions) -> tuple[str, str]:
+        return "whole", "modelopt-" + opts.scheme
+
     def describe(self, opts: TRTLLMOptions) -> str:
         label = SCHEMES[opts.scheme].quant_algo
         if _group(opts):
@@ -131,7 +134,8 @@ class TRTLLM(Format):
                 "kv_cache": opts.kv_cache, "ignore": opts.ignore, "container": "modelopt-unified-hf",
                 "modelopt_config": scheme.config}
 
-        model = ctx.fresh_model()
+        model = ctx.load_model("whole")
+        ctx.devices["calibration"] = ctx.devices.pop("whole")
         calib = ctx.calibration.input_ids
 
         def forward_loop(m):
@@ -181,10 +185,10 @@ def _preflight(ctx, opts: TRTLLMOptions, scheme: Scheme) -> None:
         raise UserError(f"trtllm scheme {opts.scheme}: {why}", fix=f"use one of {', '.join(SUPPORTED)}")
     group = _group(opts)
     if group:
-        bad = [(n, m.in_features) for n, m in ctx.base_model.named_modules()
+        bad = [(n, m.in_features) for n, m in ctx.meta_model.named_modules()
                if isinstance(m, torch.nn.Linear) and not _ignored(n, opts.ignore) and m.in_features % group]
         if bad:
-            ok = [g for g in (128, 64, 32, 16) if all(m.in_features % g == 0 for m in ctx.base_model.modules()
+            ok = [g for g in (128, 64, 32, 16) if all(m.in_features % g == 0 for m in ctx.meta_model.modules()
                                                       if isinstance(m, torch.nn.Linear))]
             raise UserError(f"trtllm {opts.name}: group_size {group} does not divide in_features {bad[0][1]} of "
                             f"{bad[0][0]} (ModelOpt cannot export partial int4 blocks)",
@@ -197,7 +201,7 @@ def _ignore_globs(ctx, explicit: list[str] | None) -> list[str]:
 
     if explicit is not None:
         return list(explicit)
-    return matching_modules(ctx.base_model, list(ctx.architecture.ignore))
+    return matching_modules(ctx.meta_model, list(ctx.architecture.ignore))
 
 
 def _ignored(name: str, patterns: list[str]) -> bool:

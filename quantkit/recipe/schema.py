@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 # Strings that become ids, file or directory names: bounded, and only characters safe in paths and URLs.
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=96)]
@@ -23,7 +23,7 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    source: Text = Field(description="local HF dir, hub id (org/name), or a .gguf file")
+    source: Text = Field(description="local HF dir, hub id (org/name), a .gguf file, or dummy:CONFIG")
     revision: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][\w./-]*$", max_length=256)] | None = Field(
         None, description="hub commit/tag; required for hub ids")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
@@ -31,6 +31,25 @@ class ModelSpec(Strict):
     allow_pickle: bool = False
     sanity_check: bool = Field(True, description="check the baseline is a working model before building "
                                "(quantkit/sanity.py); false only for a model known to need it")
+    # scale (quantkit/placement.py): where the weights live while a target is made, and how many GPUs calibrate
+    layers: int | None = Field(None, ge=1, le=512, description="dummy sources: number of decoder layers")
+    offload: Literal["auto", "none", "cpu", "disk"] = Field(
+        "auto", description="calibrated targets: weights in host RAM (cpu), on disk (disk), or as planned (auto)")
+    offload_dir: str | None = Field(None, description="a writable directory for `offload: disk`")
+    gpus: int | Literal["auto"] = Field(1, description="GPUs that calibrate together (distributed oneshot)")
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 64:
+            raise ValueError("gpus must be between 1 and 64, or auto")
+        return v
+
+    @model_validator(mode="after")
+    def _layers_need_dummy(self) -> "ModelSpec":
+        if self.layers is not None and not self.source.startswith("dummy:"):
+            raise ValueError("layers applies to dummy sources only (source: dummy:CONFIG)")
+        return self
 
 
 class CalibrationSpec(Strict):

@@ -85,8 +85,11 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
         try:
             with refuse_remote_code():  # a GGUF holds no Python; files beside it must not bring any in
                 tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-                model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
-        except UNREADABLE as e:
+                # transformers' GGUF config mapping drops `attention.key_length`; models whose head_dim is not
+                # hidden/heads (Qwen3, Gemma 3) then get the default and every attention weight mismatches
+                extra = {"head_dim": facts["head_dim"]} if facts.get("head_dim") else {}
+                model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw, **extra)
+        except (*UNREADABLE, RuntimeError) as e:  # RuntimeError: transformers' loader on a shape mismatch
             raise _unreadable(gguf_path, e) from None
         before = tokenizer(CHECK_TEXT)["input_ids"]
         if getattr(model, "hf_quantizer", None) is not None:

@@ -28,10 +28,12 @@ def _fields(path: Path) -> dict:
         r = GGUFReader(str(path))
         arch = r.fields["general.architecture"].contents()
         experts = r.fields.get(f"{arch}.expert_count")
+        key_length = r.fields.get(f"{arch}.attention.key_length")
     except (ValueError, KeyError, EOFError, IndexError, struct.error) as e:  # truncated or malformed
         raise UserError(f"cannot import {path}: {type(e).__name__}: {str(e)[:300]}",
                         fix="check the file (truncated download?)") from None
-    return {"arch": arch, "expert_count": int(experts.contents()) if experts else 0}
+    return {"arch": arch, "expert_count": int(experts.contents()) if experts else 0,
+            "head_dim": int(key_length.contents()) if key_length else None}
 
 
 def preflight(gguf_path: Path) -> dict:

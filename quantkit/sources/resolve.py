@@ -26,7 +26,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 @dataclass(frozen=True)
 class ModelSource:
     uri: str
-    kind: str  # local | hub | gguf
+    kind: str  # local | hub | gguf | dummy
     path: Path
     revision: str | None
     fingerprint: str
@@ -36,7 +36,12 @@ class ModelSource:
         return fingerprint_files(files, self.path)
 
     def as_dict(self) -> dict:
-        return {"uri": self.uri, "kind": self.kind, "revision": self.revision, "fingerprint": self.fingerprint}
+        d = {"uri": self.uri, "kind": self.kind, "revision": self.revision, "fingerprint": self.fingerprint}
+        return {**d, "weights": "dummy"} if self.kind == "dummy" else d
+
+    @property
+    def dummy(self) -> bool:
+        return self.kind == "dummy"
 
 
 def _weight_files(path: Path, spec: ModelSpec) -> list[Path]:
@@ -119,6 +124,10 @@ def _gguf(path: Path, spec: ModelSpec) -> ModelSource:
 def resolve_source(spec: ModelSpec, base_dir: Path | None = None) -> ModelSource:
     """base_dir: relative local paths are taken from here (the recipe's directory), then from the cwd."""
     raw = spec.source
+    if raw.startswith("dummy:"):
+        from quantkit.sources.dummy import resolve_dummy
+
+        return resolve_dummy(spec, base_dir)
     candidates = ([base_dir / raw] if base_dir and not Path(raw).is_absolute() else []) + [Path(raw)]
     for p in candidates:
         if p.is_file() and p.suffix == ".gguf":

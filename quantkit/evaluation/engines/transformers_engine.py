@@ -37,10 +37,21 @@ class TransformersEngine:
         torch_dtype = want.get(dtype, "auto")
         if device == "cpu" and torch_dtype in (torch.bfloat16, torch.float16):
             torch_dtype = torch.float32
-        # No device_map: accelerate's dispatch hooks add per-module Python overhead that dominates decode speed.
-        # artifacts are safetensors; a dense source was checked by sources.resolve (pickle only if allowed)
-        model = AutoModelForCausalLM.from_pretrained(Path(path) / entry, dtype=torch_dtype,
-                                                     trust_remote_code=trust_remote_code).to(device)
+        # No device_map when the model fits one GPU: accelerate's dispatch hooks add per-module Python overhead
+        # that dominates decode speed. A model larger than the GPU is spread over GPU(s) and host RAM instead.
+        device_map = None
+        if device == "cuda":
+            from quantkit.placement import probe, whole_model_device_map
+
+            size = sum(f.stat().st_size for f in (Path(path) / entry).glob("*.safetensors"))
+            device_map, _ = whole_model_device_map(size, probe())
+        if device_map == "auto":
+            model = AutoModelForCausalLM.from_pretrained(Path(path) / entry, dtype=torch_dtype, device_map="auto",
+                                                         trust_remote_code=trust_remote_code)
+        else:
+            # artifacts are safetensors; a dense source was checked by sources.resolve (pickle only if allowed)
+            model = AutoModelForCausalLM.from_pretrained(Path(path) / entry, dtype=torch_dtype,
+                                                         trust_remote_code=trust_remote_code).to(device)
         model.eval()
         return Loaded(model, device, str(next(model.parameters()).dtype).removeprefix("torch."))
 

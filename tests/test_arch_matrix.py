@@ -25,7 +25,7 @@ FORMATS = {
     "gptq": ("{name: gptq, format: gptq, group_size: 32}", "transformers", 0.10),
     "awq": ("{name: awq, format: awq, group_size: 32, n_grid: 3}", "transformers", 0.10),
     "trtllm": ("{name: trtllm, format: trtllm, scheme: fp8}", "modelopt-dequant", 0.03),
-    "gguf": ("{name: gguf, format: gguf, types: [Q8_0], llama_cpp_ppl_chunks: 0, bench_reps: 0}", "llama.cpp", 0.03),
+    "gguf": ("{name: gguf, format: gguf, types: [Q8_0], llama_cpp_ppl_chunks: 0}", "llama.cpp", 0.03),
 }
 NOT_IN_MATRIX = {(arch, "gguf") for arch in NO_GGUF}  # see tiny_models.NO_GGUF
 

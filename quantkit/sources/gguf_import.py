@@ -89,7 +89,8 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
                 # hidden/heads (Qwen3, Gemma 3) then get the default and every attention weight mismatches
                 extra = {"head_dim": facts["head_dim"]} if facts.get("head_dim") else {}
                 model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw, **extra)
-        except (*UNREADABLE, RuntimeError) as e:  # RuntimeError: transformers' loader on a shape mismatch
+        except (*UNREADABLE, RuntimeError, TypeError) as e:  # RuntimeError: transformers' loader on a shape
+            # mismatch; TypeError: its GGUF tokenizer converter on a vocabulary it cannot read
             raise _unreadable(gguf_path, e) from None
         before = tokenizer(CHECK_TEXT)["input_ids"]
         if getattr(model, "hf_quantizer", None) is not None:

@@ -57,12 +57,15 @@ def _score(engine_name: str, path: Path, entry: str, ids) -> tuple[float, dict]:
     from quantkit.evaluation.engines import get_engine
 
     engine = get_engine(engine_name)
-    try:
+    try:  # engines may open the file lazily, at the first score: both steps are the load
         handle = engine.load(path, entry, dtype="float32")
+        nll, count = engine.nll(handle, ids, label="import check")
     except ImportError as e:
         raise UserError(f"import-gguf verifies the import in {engine_name}, which is not installed ({e})",
                         fix="run `make setup`") from None
-    nll, count = engine.nll(handle, ids, label="import check")
+    except (ValueError, RuntimeError) as e:  # e.g. llama.cpp refusing the file's vocabulary
+        raise UserError(f"import-gguf cannot verify {(Path(path) / entry).name}: {engine_name} cannot load it ({str(e)[:200]})",
+                        fix="convert from the original Hugging Face checkpoint instead") from None
     described = engine.describe(handle)
     del handle
     return math.exp(nll / count), described

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from quantkit.plugins import DuplicateName
 from quantkit.recipe.schema import GateSpec, Name
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ def reference_format() -> Format:
     return next(f for f in _REGISTRY.values() if f.reference)
 
 
-class DuplicateFormat(RuntimeError):
+class DuplicateFormat(DuplicateName):
     """A second format claims a name already registered (e.g. a plugin named like a built-in)."""
 
 

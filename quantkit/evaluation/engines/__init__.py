@@ -3,10 +3,9 @@
 Nothing here lists engines by name."""
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import sys
-from importlib.metadata import entry_points
+
+from quantkit.plugins import DuplicateName, discover
 
 _ENGINES: dict[str, object] = {}
 UNAVAILABLE: dict[str, str] = {}  # module or entry point -> why it could not be loaded
@@ -14,7 +13,7 @@ PLUGIN_PROBLEMS: list[str] = []  # one line per third-party engine plugin that f
 _loaded = False
 
 
-class DuplicateEngine(RuntimeError):
+class DuplicateEngine(DuplicateName):
     """A second engine claims a name already registered (e.g. a plugin named like a built-in)."""
 
 
@@ -32,33 +31,9 @@ def _discover() -> None:
     if _loaded:
         return
     _loaded = True
-    for mod in pkgutil.iter_modules(__path__):
-        if mod.name.startswith("_"):
-            continue
-        try:
-            importlib.import_module(f"{__name__}.{mod.name}")
-        except ImportError as e:  # one engine's missing dependency must not take the others down
-            UNAVAILABLE[mod.name] = f"{type(e).__name__}: {e}"
-    for ep in entry_points(group="quantkit.engines"):
-        _load_plugin(ep)
-
-
-def _load_plugin(ep) -> None:
-    """As formats' plugins: a broken or clashing engine plugin is one line on stderr; the rest still load."""
-    before = dict(_ENGINES)
-    try:
-        ep.load()
-    except DuplicateEngine as e:
-        why = f"engine plugin {ep.name} ({ep.value}) was ignored: {e}"
-    except Exception as e:  # noqa: BLE001 - any error in third-party import code
-        why = f"engine plugin {ep.name} ({ep.value}) failed to load: {type(e).__name__}: {e}"
-    else:
-        return
-    for name in set(_ENGINES) - set(before):  # a half-loaded plugin keeps nothing
-        del _ENGINES[name]
-    UNAVAILABLE.setdefault(ep.name, why)
-    PLUGIN_PROBLEMS.append(why)
-    print(f"warning: {why}", file=sys.stderr)
+    for why in discover(__name__, __path__, _ENGINES, "quantkit.engines", UNAVAILABLE, PLUGIN_PROBLEMS,
+                        "engine plugin"):
+        print(f"warning: {why}", file=sys.stderr)
 
 
 def get_engine(name: str):

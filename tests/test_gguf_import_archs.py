@@ -59,7 +59,8 @@ def test_import_agrees_with_llama_cpp_or_is_refused(tiny_ggufs, arch, request):
 
 def test_disagreeing_import_is_refused_and_writes_nothing(tiny_ggufs, tmp_path):
     """A GGUF that transformers reads differently from llama.cpp: the tiny Llama plus a `rope_freqs` tensor
-    (Llama 3.1's RoPE scaling factors), which llama.cpp applies and transformers' GGUF loader ignores."""
+    (Llama 3.1's RoPE scaling factors), which llama.cpp applies and transformers' GGUF loader ignores. The query
+    and key weights are scaled up so that the random model's attention depends on position at all."""
     import gguf
     import numpy as np
 
@@ -75,7 +76,10 @@ def test_disagreeing_import_is_refused_and_writes_nothing(tiny_ggufs, tmp_path):
         w.add_key_value(name, field.contents(), vtype,
                         sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
     for t in reader.tensors:
-        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+        data = np.array(t.data)
+        if ".attn_q." in t.name or ".attn_k." in t.name:  # sharp attention: positions (RoPE) then matter, even
+            data = data * 30  # in a random model; both engines read these tensors alike
+        w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
     head_dim = 64 // 4
     w.add_tensor("rope_freqs.weight", np.full(head_dim // 2, 8.0, dtype=np.float32))
     w.write_header_to_file()

@@ -104,7 +104,7 @@ def test_build_context_tokenizer_and_model_follow_the_recipe(custom_model, senti
     loaded = load_recipe(recipe)
     ctx = BuildContext(loaded, check_local(custom_model, loaded.recipe.model, "x", "local"), tmp_path / "w")
     assert ctx.load_kwargs == {"trust_remote_code": True, "use_safetensors": True}
-    assert type(ctx.base_model).__name__ == "QKForCausalLM" and sentinel.exists()
+    assert type(ctx.load_model("layerwise")).__name__ == "QKForCausalLM" and sentinel.exists()
 
 
 def _script(tmp_path: Path, model: Path) -> Path:
@@ -258,10 +258,10 @@ def test_allow_pickle_allows_bin_and_still_prefers_safetensors(tiny_llama, tmp_p
     bin_only = _pickled(tiny_llama, tmp_path, with_safetensors=False)
     with pytest.raises(UserError, match="only pickle weights"):
         _ctx(bin_only, tmp_path, allow=False)
-    got = _ctx(bin_only, tmp_path, allow=True).base_model.model.embed_tokens.weight
+    got = _ctx(bin_only, tmp_path, allow=True).load_model("layerwise").model.embed_tokens.weight
     assert torch.equal(got, ref + 1.0)  # the .bin was loaded: allowed
     both = _pickled(tiny_llama, tmp_path, with_safetensors=True)
-    got = _ctx(both, tmp_path, allow=True).base_model.model.embed_tokens.weight
+    got = _ctx(both, tmp_path, allow=True).load_model("layerwise").model.embed_tokens.weight
     assert torch.equal(got, ref)  # safetensors present: used, though pickle is allowed (not forced)
 
 

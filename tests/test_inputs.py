@@ -157,20 +157,24 @@ def test_malformed_data_files_are_one_line(tmp_path, name, data, expect):
 BLOCK = "import sys; [sys.modules.__setitem__(m, None) for m in {mods!r}]; from quantkit.cli import main; main()"
 
 
-def _cli_without(mods: list[str], *args: str):
+def _cli_without(mods: list[str], *args: str, env: dict | None = None):
     import subprocess
 
     return subprocess.run([sys.executable, "-c", BLOCK.format(mods=mods), *args], capture_output=True, text=True,
-                          cwd=ROOT)
+                          cwd=ROOT, env={**os.environ, **(env or {})})
 
 
-def test_gguf_types_validate_without_llama_cpp_python_and_fail_in_one_line_without_gguf_too():
+def test_gguf_types_validate_without_the_binding_and_fail_in_one_line_without_the_tools(tmp_path):
+    """GGUF type names are checked against `llama-quantize --help` (the tool that will quantize): the Python
+    binding and gguf-py are not needed; with the tools missing too, validation is one line naming the fix."""
     demo = str(ROOT / "recipes" / "smollm2-135m-demo.yaml")
-    r = _cli_without(["llama_cpp"], "recipe", "validate", demo)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr  # gguf-py's table checks the type names
     r = _cli_without(["llama_cpp", "gguf"], "recipe", "validate", demo)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+    no_tools = {"QUANTKIT_CACHE": str(tmp_path / "empty-cache"), "QUANTKIT_LLAMA_CPP": "",
+                "PATH": "/usr/bin:/bin"}
+    r = _cli_without(["llama_cpp", "gguf"], "recipe", "validate", demo, env=no_tools)
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert "targets[6].types[0]" in r.stderr and "neither llama-cpp-python nor gguf is installed" in r.stderr
+    assert "llama-quantize" in r.stderr and "not found" in r.stderr and "make setup" in r.stderr
 
 
 def _plugin(tmp_path: Path, name: str, module_code: str) -> Path:

@@ -36,7 +36,8 @@ TOKENIZER_CLASS = {"phi3": "GPT2Tokenizer"}
 # needs Gemma 2's SentencePiece tokenizer.model, and transformers 5 rebuilds any Qwen 2 tokenizer with Qwen's
 # own pre-tokenizer, which with SmolLM2's vocabulary hashes to nothing the converter knows
 NO_GGUF = {"gemma2": "Gemma 2's converter reads only a SentencePiece tokenizer.model",
-           "qwen2.5": "transformers rebuilds the borrowed tokenizer as Qwen2Tokenizer, unknown to the converter"}
+           "qwen2.5": "transformers rebuilds the borrowed tokenizer as Qwen2Tokenizer, unknown to the converter",
+           "phi3": "llama.cpp's Phi-3 vocabulary loader cannot read the borrowed BPE tokenizer (unordered_map::at)"}
 
 
 def make_tiny(arch: str, out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:

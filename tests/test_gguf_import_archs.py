@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMOLLM2, run_cli
+from conftest import run_cli
 from quantkit.toolchain.llama_cpp import convert_env, convert_script
 from tiny_models import ARCHS, NO_GGUF, make_tiny
 
@@ -30,9 +30,11 @@ def to_gguf(model: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_ggufs(tmp_path_factory):
+def tiny_ggufs(smollm2, tmp_path_factory):
+    """The demo model's tokenizer (tiny_models.py) makes these `slow` (conftest's marker rule): six conversions
+    and six verified imports are minutes on 2 cores."""
     root = tmp_path_factory.mktemp("gguf-import")
-    return {a: (root, to_gguf(make_tiny(a, root / a.replace(".", ""), SMOLLM2), root / f"{a}.gguf"))
+    return {a: (root, to_gguf(make_tiny(a, root / a.replace(".", ""), smollm2), root / f"{a}.gguf"))
             for a in CONVERTIBLE}
 
 

@@ -73,10 +73,9 @@ TABLE: tuple[Architecture, ...] = (
                                (r"\.block_sparse_moe\.experts\.(\d+)\.w3\.", r".mlp.experts.\1.up_proj."),
                                (r"\.block_sparse_moe\.experts\.(\d+)\.w2\.", r".mlp.experts.\1.down_proj."),
                                (r"\.block_sparse_moe\.gate\.", ".mlp.gate.")),
-                 # transformers' GGUF loader maps llama.cpp's `llama` arch to a dense Llama: experts dropped
-                 unsupported={**MOE_UNSUPPORTED,
-                              "import-gguf": "transformers' GGUF loader reads a Mixtral GGUF (arch `llama` with "
-                                             "experts) as a dense Llama and drops the experts"}),
+                 # import-gguf: transformers' GGUF loader would read llama.cpp's `llama` arch with experts as a
+                 # dense Llama and drop them; sources/gguf_moe.py writes the Mixtral checkpoint instead
+                 unsupported=MOE_UNSUPPORTED),
 )
 GENERIC = Architecture("unknown", ())
 _BY_TYPE = {t: a for a in TABLE for t in a.model_types}

@@ -116,9 +116,12 @@ def plan_build(arch: Arch, profiles: list[tuple[str, tuple[str, str] | None]], *
             fwd = 2 * arch.layer_params * tokens * 2 / bf16
             hess = 2 * tokens * sum(i * i for i, _ in arch.linears()) / fp32 if k.get("hessian") else 0
             solve = 2 * sum(i * i * o for i, o in arch.linears()) / fp32 if k.get("hessian") else 0
+            if k.get("grid_points"):
+                per_layer = grid_search_seconds(arch, k, samples, seq_len, bf16, gpu["bandwidth_gb_s"] * GB)
+            else:
+                per_layer = k["time_factor"] * (fwd * k.get("forward_passes", 1) + hess + solve)
             # data-parallel calibration, weight-parallel GPTQ: llm-compressor's 8B runs scale ~0.5x per doubling
-            per_layer = k["time_factor"] * (fwd * k.get("forward_passes", 1) + hess + solve) / calib_procs ** \
-                k.get("gpu_scaling", 0.9)
+            per_layer /= calib_procs ** k.get("gpu_scaling", 0.9)
             secs = per_layer * arch.layers + c["fixed_s"] + weights / (c["load_gb_s"] * GB)
             # fp32 Hessians per linear; GPTQ's solve holds a second (inverse) copy of the one it works on
             hessians = 4 * sum(i * i for i, _ in arch.linears()) * k.get("hessian_copies", 1) if k.get("hessian") else 0
@@ -152,6 +155,24 @@ def plan_build(arch: Arch, profiles: list[tuple[str, tuple[str, str] | None]], *
             n.fits, n.why = False, f"needs {n.gpu_gb:.0f} GB on one GPU, {gpu['name']} has {gpu['memory_gb']} GB"
         out.append(n)
     return out
+
+
+def grid_search_seconds(arch: Arch, k: dict, samples: int, seq_len: int, bf16: float, bandwidth: float) -> float:
+    """One decoder layer of AWQ (llm-compressor 0.14). For each of `grid_points` scale ratios it re-runs the
+    parent of every smoothing mapping over the whole calibration set: self_attn (q, k, v, o and the attention
+    itself), the mlp, down_proj. The attention's time is its softmax scores' memory traffic (samples x heads x
+    seq^2 elements), not its FLOPs: it is why the grid costs 2.4 x more at 70B width than at 8B, not 3.9 x as
+    the layer's parameters. Then the calibrate and propagate passes, which at these sizes are mostly a fixed
+    cost per sample. Constants fitted per mapping on the 8B H200 log (scripts/fit_build_costs.py)."""
+    tokens = samples * seq_len
+    lin = arch.linears()
+    attn, mlp, down = sum(i * o for i, o in lin[:4]), sum(i * o for i, o in lin[4:]), lin[6][0] * lin[6][1]
+    attn_core = 4 * tokens * seq_len * arch.heads * arch.head_dim  # QK^T and AV
+    scores = samples * arch.heads * seq_len ** 2 * k["score_bytes"] / bandwidth
+    point = k["time_factor"] * (2 * tokens * (attn + mlp + down) + attn_core) / bf16 + scores
+    one_pass = k["time_factor"] * (2 * tokens * arch.layer_params + attn_core) / bf16 + scores
+    return (k["grid_points"] * point * (1 + k["grid_overhead"]) + k.get("forward_passes", 2) * one_pass
+            + samples * k["sample_s"])
 
 
 def plan_recipe(loaded, config: dict, gpu_name: str, gpus: int, host_ram: float) -> list[Need]:

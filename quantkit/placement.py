@@ -28,6 +28,9 @@ class Host:
     gpu_name: str | None
     gpu_bytes: float  # per device
     host_available: float
+    # CPU processes (gloo) that may stand in for GPUs on a host without CUDA: the distributed launcher's tests
+    # and dry runs (`QUANTKIT_CPU_RANKS=N`); 0 everywhere else
+    cpu_ranks: int = 0
 
     @property
     def compute(self) -> str:
@@ -52,7 +55,8 @@ class Placement:
         how = "one decoder layer at a time on " + self.compute if self.weights != "gpu" else self.compute
         if self.compute == "cpu":
             how = "computed on the CPU (no CUDA device)"
-        return f"{where}; {how}" + (f"; {self.gpus} GPUs (torch.distributed)" if self.gpus > 1 else "")
+        procs = f"{self.gpus} GPUs" if self.on_gpu else f"{self.gpus} CPU processes (gloo)"
+        return f"{where}; {how}" + (f"; {procs} (torch.distributed)" if self.gpus > 1 else "")
 
 
 def probe() -> Host:
@@ -64,7 +68,8 @@ def probe() -> Host:
     if n:
         props = torch.cuda.get_device_properties(0)
         name, mem = props.name, float(props.total_memory)
-    return Host(n, name, mem, float(psutil.virtual_memory().available))
+    cpu_ranks = int(os.environ.get("QUANTKIT_CPU_RANKS") or 0) if not n else 0
+    return Host(n, name, mem, float(psutil.virtual_memory().available), cpu_ranks)
 
 
 def _writable(d: str) -> bool:
@@ -81,7 +86,7 @@ def decide(spec, model_bytes: float, host: Host, where: str = "model") -> Placem
     gpus = spec.gpus
     if gpus == "auto":
         gpus = max(1, host.cuda_devices)
-    if gpus > 1 and gpus > host.cuda_devices:
+    if gpus > 1 and gpus > max(host.cuda_devices, host.cpu_ranks):
         raise UserError(f"{where}.gpus: {gpus} GPUs asked for, {host.cuda_devices} present on this host",
                         fix=f"set gpus: {max(1, host.cuda_devices)} or auto")
     notes = []

@@ -6,6 +6,8 @@
 Each cell is architecture x format (with the engine that scored it): `ok (N)` = N tests passed for the cell,
 `no (N)` = declared unsupported and its refusal tested by N tests (the reason is listed under the table),
 `FAIL` = a test failed, `-` = not in the matrix (the reason is listed). The JSON is copied to docs/benchmarks/arch-matrix.json with the table.
+Several files merge; for a test in more than one, the last file's result counts (re-run rows, then regenerate
+with `--json docs/benchmarks/arch-matrix.json NEW.json`).
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def render(cells: list[dict]) -> str:
     total = sum(len(v) for v in grid.values())
     wall = sum(c.get("duration_s", 0) for c in cells)
     notes = [f"- {k}: {'; '.join(sorted(v))}" for k, v in sorted(reasons.items())]
-    notes += [f"- `-` {by_type[model_types[a]].name} x gguf/import-gguf: not testable with the tiny checkpoint ({why})"
+    notes += [f"- `-` {by_type[model_types[a]].name} x gguf: not testable with the tiny checkpoint ({why})"
               for a, why in NO_GGUF.items()]
     return "\n".join([*lines, "", f"{total} cell tests, {wall:.0f} s of test time on the CPU "
                       f"(`ok (N)`: N tests passed; `no (N)`: refused by the plan in one line, N tests).", *notes])
@@ -67,7 +69,8 @@ def main() -> None:
                     help="one or more JSON files written by test sessions (QUANTKIT_ARCH_MATRIX_JSON)")
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = ap.parse_args()
-    cells = [c for f in args.json for c in json.loads(f.read_text())]
+    # a later file's result for the same test replaces an earlier one (re-running some rows of the matrix)
+    cells = list({c["test"]: c for f in args.json for c in json.loads(f.read_text())}.values())
     table = render(cells)
     text = args.readme.read_text()
     if START not in text:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 
 
@@ -19,9 +20,31 @@ def vm(field: str) -> int:
     return 0
 
 
+class RssSampler(threading.Thread):
+    """Peaks of the resident set's parts every 20 ms: anonymous (the process's own memory: tensors, heap),
+    file-backed (pages of memory-mapped files, e.g. safetensors, which the kernel may drop), shared memory.
+    VmHWM is their sum's peak; the parts say which kind of memory made it."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak = {"RssAnon": 0, "RssFile": 0, "RssShmem": 0}
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            with open("/proc/self/status") as f:
+                for line in f:
+                    k = line.split(":", 1)[0]
+                    if k in self.peak:
+                        self.peak[k] = max(self.peak[k], int(line.split()[1]) * 1024)
+            self.stop.wait(0.02)
+
+
 def main() -> int:
     from quantkit.cli import main as cli_main
 
+    sampler = RssSampler()
+    sampler.start()
     t0 = time.perf_counter()
     code = 0
     try:
@@ -29,7 +52,9 @@ def main() -> int:
         cli_main()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    rec = {"exit": code, "wall_s": round(time.perf_counter() - t0, 2), "vmhwm": vm("VmHWM"), "vmrss": vm("VmRSS")}
+    sampler.stop.set()
+    rec = {"exit": code, "wall_s": round(time.perf_counter() - t0, 2), "vmhwm": vm("VmHWM"), "vmrss": vm("VmRSS"),
+           **{f"peak_{k.lower()}": v for k, v in sampler.peak.items()}}
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         rec.update(gpu=torch.cuda.get_device_name(0), gpu_peak_allocated=torch.cuda.max_memory_allocated(),

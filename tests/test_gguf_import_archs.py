@@ -12,36 +12,50 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
+from quantkit.architectures import read_config
 from quantkit.toolchain.llama_cpp import convert_env, convert_script
-from tiny_models import ARCHS, NO_GGUF, make_tiny
+from tiny_models import ARCHS, GGUF_VOCAB_FROM, NO_GGUF, make_tiny
 
-CONVERTIBLE = [a for a in ARCHS if a not in NO_GGUF]  # see tiny_models.NO_GGUF
-# architecture -> what the one-line refusal says. gemma3 is a gap of the tiny fixture, not of the architecture:
-# it borrows SmolLM2's BPE vocabulary, which transformers' Gemma GGUF tokenizer converter (it expects
-# SentencePiece scores) cannot read; the refusal is still one line and writes nothing.
-REFUSED = {"mixtral": "drops the experts", "qwen3-moe": "has no mapping", "gemma3": "TypeError"}
+CONVERTIBLE = [a for a in ARCHS if a not in NO_GGUF or a in GGUF_VOCAB_FROM]  # see tiny_models.NO_GGUF
+# architecture -> what the one-line refusal says (none left: every convertible family imports and agrees)
+REFUSED: dict[str, str] = {}
 
 
-def to_gguf(model: Path, out: Path) -> Path:
-    proc = subprocess.run([sys.executable, str(convert_script()), str(model), "--outtype", "f32", "--outfile",
-                           str(out)], capture_output=True, text=True, env=convert_env())
+def to_gguf(model: Path, out: Path, vocab_from: Path | None = None) -> Path:
+    """llama.cpp's converter; with vocab_from, the tokenizer is copied from that GGUF (formats/_gguf_vocab.py)."""
+    wrap = [str(Path(__file__).resolve().parents[1] / "quantkit" / "formats" / "_gguf_vocab.py"), str(vocab_from)]
+    proc = subprocess.run([sys.executable, *(wrap if vocab_from else []), str(convert_script()), str(model),
+                           "--outtype", "f32", "--outfile", str(out)], capture_output=True, text=True,
+                          env=convert_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
 
+class _TinyGGUFs(dict):
+    """arch -> (root, GGUF of the tiny checkpoint), made on first use (a -k selection converts only its own)."""
+
+    def __init__(self, root: Path, tokenizer_dir: Path):
+        super().__init__()
+        self.root, self.tokenizer_dir = root, tokenizer_dir
+
+    def __missing__(self, arch: str):
+        model = make_tiny(arch, self.root / arch.replace(".", ""), self.tokenizer_dir)
+        vocab = self[GGUF_VOCAB_FROM[arch]][1] if arch in GGUF_VOCAB_FROM else None
+        self[arch] = (self.root, to_gguf(model, self.root / f"{arch}.gguf", vocab))
+        return self[arch]
+
+
 @pytest.fixture(scope="module")
 def tiny_ggufs(smollm2, tmp_path_factory):
-    """The demo model's tokenizer (tiny_models.py) makes these `slow` (conftest's marker rule): six conversions
-    and six verified imports are minutes on 2 cores."""
-    root = tmp_path_factory.mktemp("gguf-import")
-    return {a: (root, to_gguf(make_tiny(a, root / a.replace(".", ""), smollm2), root / f"{a}.gguf"))
-            for a in CONVERTIBLE}
+    """The demo model's tokenizer (tiny_models.py) makes these `slow` (conftest's marker rule): a conversion and
+    a verified import per architecture are minutes on 2 cores."""
+    return _TinyGGUFs(tmp_path_factory.mktemp("gguf-import"), smollm2)
 
 
 @pytest.mark.parametrize("arch", CONVERTIBLE)
 def test_import_agrees_with_llama_cpp_or_is_refused(tiny_ggufs, arch, request):
-    request.node.user_properties.append(("arch_cell", {"arch": arch, "format": "import-gguf",
-                                                       "engine": "llama.cpp vs transformers"}))
+    cell = {"arch": arch, "format": "import-gguf", "engine": "llama.cpp vs transformers"}
+    request.node.user_properties.append(("arch_cell", cell))  # conftest writes it to the matrix JSON
     root, gguf = tiny_ggufs[arch]
     out = root / f"{arch}-imported"
     r = run_cli("model", "import-gguf", str(gguf), str(out))
@@ -53,8 +67,17 @@ def test_import_agrees_with_llama_cpp_or_is_refused(tiny_ggufs, arch, request):
         return
     assert r.returncode == 0, r.stderr[-3000:]
     a = json.loads((out / "quantkit-import.json").read_text())["agreement"]
+    cell.update(llama_cpp_ppl=a["llama_cpp_ppl"], transformers_ppl=a["transformers_ppl"],
+                relative_difference=a["relative_difference"])
     assert abs(a["relative_difference"]) <= 0.01 and a["windows"] == 4
     assert "verified" in r.stdout
+    # the same architecture came back (a Mixtral read as a dense Llama would also be a `llama`); llama.cpp
+    # runs Mistral as `llama`, which is the same network
+    src_cfg, out_cfg = read_config(root / arch.replace(".", "")), read_config(out)
+    source, imported = src_cfg["model_type"], out_cfg["model_type"]
+    assert imported in (source, {"mistral": "llama"}.get(source)), (source, imported)
+    for experts in ("num_local_experts", "num_experts"):  # MoE: every expert came along
+        assert out_cfg.get(experts) == src_cfg.get(experts), experts
     request.node.user_properties.append(("arch_cell_status", "supported"))
 
 

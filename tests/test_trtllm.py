@@ -193,7 +193,9 @@ def test_smollm2_exports_match_fake_quant_and_fp8_is_near_baseline(smol_built):
         # the decoded export reproduces ModelOpt's fake-quant model on the build's own windows
         agree = checks["perplexity-agrees"]
         assert agree["expected_ppl"] == info["fake_quant"]["ppl"] and agree["engine"] == "modelopt-dequant"
-        assert abs(agree["ppl"] / info["fake_quant"]["ppl"] - 1) <= 0.005, agree
+        # scored with the exporter's FP8 arithmetic, the two agree to rounding noise (the demo model's Q4_1-grid
+        # weights flipped E4M3 ties under ModelOpt's eager scale direction: +1% before that fix)
+        assert abs(agree["ppl"] / info["fake_quant"]["ppl"] - 1) <= 0.001, agree
         assert m["metrics"]["perplexity"]["wikitext2"]["ppl"] == pytest.approx(agree["ppl"], rel=1e-3)
         assert m["total_size"] < rows["baseline"]["size_mb"] * 1e6 * 0.5
     assert manifests["trt-int4-awq-g64"]["info"]["hf_quant_config"]["quantization"]["group_size"] == 64

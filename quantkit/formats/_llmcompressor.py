@@ -16,6 +16,7 @@ what reached it; an expert that saw nothing stops the build.
 """
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -100,6 +101,9 @@ def run_oneshot(ctx, modifiers: list, out_dir: Path, *, calibrate: bool) -> tupl
     ctx.tokenizer.save_pretrained(out_dir)
     release_session()
     del model
+    # the modifiers' hooks and llm-compressor's caches hold the modules in reference cycles: without a collection
+    # now, this target's weights can outlive it into the next target's load (two copies at once)
+    gc.collect()
     return _finish(ctx, out_dir), ({"expert_calibration": coverage} if coverage else {})
 
 
@@ -151,7 +155,10 @@ def run_model_free(ctx, config, out_dir: Path) -> None:
     groups = dict(sorted(config.config_groups.items(), key=lambda kv: "Linear" in kv[1].targets))
     config = config.model_copy(update={"ignore": ignore, "config_groups": groups})
     ctx.devices["quantize"] = f"llm-compressor model-free (shard by shard, no model built) on {pl.compute}"
-    model_free_ptq(str(ctx.source.path), str(out_dir), config=config, device=device, max_workers=1)
+    from quantkit.pread import pread_checkpoints
+
+    with pread_checkpoints():  # one shard's tensors in memory, not also its mapped file
+        model_free_ptq(str(ctx.source.path), str(out_dir), config=config, device=device, max_workers=1)
     for extra in ("quantkit-import.json", "quantkit-dummy.json", RANDOM_WEIGHTS_MARKER):  # the source's
         (out_dir / extra).unlink(missing_ok=True)
     ctx.tokenizer.save_pretrained(out_dir)

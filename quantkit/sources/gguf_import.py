@@ -5,7 +5,11 @@ GGUF and transformers scoring the import must agree within 1% perplexity on the 
 `quantkit-import.json` records the source file (a GGUF target built from the import reuses its tokenizer)
 and the agreement.
 
-Two fixes are applied here so every later format starts from a correct checkpoint:
+Fixes applied here so every later format starts from a correct checkpoint:
+- hyper-parameters transformers' GGUF config mapping drops are set as llama.cpp runs the file (`fix_config`:
+  head_dim, the experts' width of Qwen-MoE, Gemma's query scaling, soft-capping and local RoPE base);
+- a `llama` GGUF with experts (Mixtral), which transformers would read as a dense Llama without its experts,
+  is written by sources/gguf_moe.py;
 - transformers marks the model as GGUF-quantized and refuses to save it, although the weights are dense:
   `hf_quantizer.remove_quantization_config` drops that marker.
 - for GPT-2-style BPE vocabularies its tokenizer.json gets `byte_fallback: true` and a SentencePiece-like
@@ -50,6 +54,25 @@ def _fix_bpe_tokenizer(out: Path, eos_id: int | None) -> None:
             tc.write_text(json.dumps(cfg, ensure_ascii=False, indent=2))
 
 
+def fix_config(config, facts: dict) -> None:
+    """What transformers' GGUF config mapping leaves out or gets wrong, set as llama.cpp runs the file."""
+    if facts.get("head_dim"):  # `attention.key_length` is dropped: Qwen3, Gemma get hidden/heads otherwise
+        config.head_dim = facts["head_dim"]
+    if facts.get("expert_ffn") and hasattr(config, "moe_intermediate_size"):  # Qwen-MoE experts' width
+        config.moe_intermediate_size = facts["expert_ffn"]
+    if config.model_type in ("gemma2", "gemma3_text"):
+        # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B models (hidden/heads; told apart by
+        # their layer count); transformers reads query_pre_attn_scalar, which no GGUF carries (default 256)
+        big = facts.get("layers") == {"gemma2": 46, "gemma3_text": 62}[config.model_type]
+        config.query_pre_attn_scalar = facts["hidden"] // facts["heads"] if big else facts["head_dim"]
+        if facts.get("final_softcap") is not None:
+            config.final_logit_softcapping = facts["final_softcap"]
+    if config.model_type == "gemma2" and facts.get("attn_softcap") is not None:
+        config.attn_logit_softcapping = facts["attn_softcap"]
+    if config.model_type == "gemma3_text" and facts.get("rope_theta_swa"):  # local layers' RoPE base
+        config.rope_parameters["sliding_attention"]["rope_theta"] = facts["rope_theta_swa"]
+
+
 UNREADABLE = (ValueError, KeyError, EOFError, struct.error)  # what the GGUF readers raise on a truncated file
 
 
@@ -60,8 +83,10 @@ def _unreadable(gguf_path: Path, e: Exception) -> UserError:
 
 def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Write a dense fp32 HF checkpoint for gguf_path at out_dir (atomically: a temp dir renamed at the end)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     import torch
+
+    from quantkit.sources.gguf_moe import is_llama_moe, write_mixtral
 
     gguf_path = Path(gguf_path).resolve()
     if not gguf_path.is_file():
@@ -85,24 +110,27 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
         try:
             with refuse_remote_code():  # a GGUF holds no Python; files beside it must not bring any in
                 tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-                # transformers' GGUF config mapping drops `attention.key_length`; models whose head_dim is not
-                # hidden/heads (Qwen3, Gemma 3) then get the default and every attention weight mismatches
-                extra = {"head_dim": facts["head_dim"]} if facts.get("head_dim") else {}
-                model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw, **extra)
+                if is_llama_moe(facts):
+                    write_mixtral(gguf_path, tmp)
+                else:
+                    config = AutoConfig.from_pretrained(gguf_path.parent, **kw)
+                    fix_config(config, facts)
+                    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, config=config,
+                                                                 dtype=torch.float32, **kw)
+                    if getattr(model, "hf_quantizer", None) is not None:
+                        model.hf_quantizer.remove_quantization_config(model)
+                    model.save_pretrained(tmp, safe_serialization=True)
+                    del model  # the check loads each engine in turn: never two copies of the weights
         except (*UNREADABLE, RuntimeError, TypeError) as e:  # RuntimeError: transformers' loader on a shape
             # mismatch; TypeError: its GGUF tokenizer converter on a vocabulary it cannot read
             raise _unreadable(gguf_path, e) from None
         before = tokenizer(CHECK_TEXT)["input_ids"]
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer.remove_quantization_config(model)
-        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if _gguf_tokenizer_model(gguf_path) == "gpt2":
-            _fix_bpe_tokenizer(tmp, model.config.eos_token_id)
+            _fix_bpe_tokenizer(tmp, json.loads((tmp / "config.json").read_text()).get("eos_token_id"))
             after = AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)(CHECK_TEXT)["input_ids"]
             if after != before:
                 raise RuntimeError("tokenizer fix changed token ids; refusing to write the import")
-        del model  # the check loads each engine in turn: never two copies of the weights
         agreement = verify_import(gguf_path, tmp)
         (tmp / "quantkit-import.json").write_text(json.dumps(
             {"source": str(gguf_path), "tokenizer_model": _gguf_tokenizer_model(gguf_path),

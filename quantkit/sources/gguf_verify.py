@@ -27,13 +27,25 @@ def _fields(path: Path) -> dict:
     try:
         r = GGUFReader(str(path))
         arch = r.fields["general.architecture"].contents()
-        experts = r.fields.get(f"{arch}.expert_count")
-        key_length = r.fields.get(f"{arch}.attention.key_length")
+        facts = {"arch": arch}
+        for key, name in FACTS.items():  # hyper-parameters the import needs and transformers' mapping drops
+            field = r.fields.get(f"{arch}.{key}")
+            facts[name] = field.contents() if field else None
     except (ValueError, KeyError, EOFError, IndexError, struct.error) as e:  # truncated or malformed
         raise UserError(f"cannot import {path}: {type(e).__name__}: {str(e)[:300]}",
                         fix="check the file (truncated download?)") from None
-    return {"arch": arch, "expert_count": int(experts.contents()) if experts else 0,
-            "head_dim": int(key_length.contents()) if key_length else None}
+    facts["expert_count"] = int(facts["expert_count"] or 0)
+    return facts
+
+
+# GGUF key (after `<arch>.`) -> name in the facts
+FACTS = {"expert_count": "expert_count", "attention.key_length": "head_dim", "block_count": "layers",
+         "embedding_length": "hidden", "attention.head_count": "heads", "rope.freq_base_swa": "rope_theta_swa",
+         "attn_logit_softcapping": "attn_softcap", "final_logit_softcapping": "final_softcap",
+         "expert_feed_forward_length": "expert_ffn"}
+# llama.cpp architecture names that transformers spells differently (its load_gguf_checkpoint renames them)
+TRANSFORMERS_ARCH = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
+                     "minimax-m2": "minimax_m2"}
 
 
 def preflight(gguf_path: Path) -> dict:
@@ -44,7 +56,7 @@ def preflight(gguf_path: Path) -> dict:
     f = _fields(gguf_path)
     entry = next((a for a in TABLE if a.gguf_arch == f["arch"] and a.moe == (f["expert_count"] > 0)), None)
     why = unsupported(entry, "import-gguf") if entry else None
-    if why is None and f["arch"] not in GGUF_SUPPORTED_ARCHITECTURES:
+    if why is None and TRANSFORMERS_ARCH.get(f["arch"], f["arch"]) not in GGUF_SUPPORTED_ARCHITECTURES:
         why = f"transformers' GGUF loader has no mapping for llama.cpp architecture `{f['arch']}`"
     if why:
         name = entry.name if entry else f["arch"]

@@ -34,7 +34,7 @@ from quantkit.recipe.loader import LoadedRecipe
 from quantkit.sources.resolve import resolve_source
 from quantkit.store.manifest import merge
 from quantkit.store.store import Store
-from quantkit.util import StagePeak, host_info, library_versions, peak_rss_mb, sha256_json
+from quantkit.util import StagePeak, host_info, library_versions, peak_rss_mb, release_memory, sha256_json
 
 
 @dataclass
@@ -267,4 +267,5 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
         published = st.publish(staging if produced.entry != str(ctx.source.path) else None, manifest)
     shutil.rmtree(staging, ignore_errors=True)
     console.print(f"  published {published['id']} ({published['total_size'] / 1e6:.1f} MB)")
+    release_memory()  # before the next target loads its model
     return published

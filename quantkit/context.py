@@ -93,44 +93,43 @@ class BuildContext:
             return AutoModelForCausalLM.from_config(cfg, trust_remote_code=self.recipe.model.trust_remote_code)
 
     def load_model(self, purpose: str = "layerwise"):
-        """A fresh model read from the source files for one target, never a copy of another target's: re-reading
-        the safetensors costs page-cache hits, and a build of N targets holds one copy at a time (read with
-        pread, quantkit/pread.py: the mapped file's pages would be a second one). `layerwise`: for llm-compressor, which onloads one layer at a time to the GPU itself
+        """A fresh model read from the source files for one target, never a copy of another target's: the
+        safetensors are memory-mapped (transformers' tensors are views of the mapping, each page resident once:
+        read, or copied on write), so re-reading costs page-cache hits and a build of N targets holds one copy
+        at a time. `layerwise`: for llm-compressor, which onloads one layer at a time to the GPU itself
         (weights stay in host RAM or on disk, by `placement`). `whole`: for forward passes quantkit or ModelOpt
         drive; on the GPU when it fits, else across GPU(s) and host RAM."""
         from transformers import AutoModelForCausalLM
 
         from quantkit.placement import probe, whole_model_device_map
-        from quantkit.pread import pread_checkpoints
 
         kw = dict(dtype=self.torch_dtype, **self.load_kwargs)
         pl = self.placement
-        with pread_checkpoints():  # one copy of the weights in memory, not the copy plus the mapped file
-            if purpose == "whole":
-                device_map, where = whole_model_device_map(self.weight_bytes, probe())
-                m = AutoModelForCausalLM.from_pretrained(self.source.path, device_map=device_map, **kw)
-            elif pl.weights == "disk":
-                from compressed_tensors.offload import load_offloaded_model
+        if purpose == "whole":
+            device_map, where = whole_model_device_map(self.weight_bytes, probe())
+            m = AutoModelForCausalLM.from_pretrained(self.source.path, device_map=device_map, **kw)
+        elif pl.weights == "disk":
+            from compressed_tensors.offload import load_offloaded_model
 
-                import shutil
-                import tempfile
-                import weakref
+            import shutil
+            import tempfile
+            import weakref
 
-                # nothing in host RAM beyond one layer onloaded at a time: every weight is read back from the folder,
-                # a private one per target, removed with the model
-                folder = tempfile.mkdtemp(prefix="quantkit-offload-", dir=pl.offload_dir)
-                with load_offloaded_model():
-                    m = AutoModelForCausalLM.from_pretrained(
-                        self.source.path, device_map="auto_offload", max_memory={"cpu": 0}, offload_folder=folder,
-                        **kw)
-                weakref.finalize(m, shutil.rmtree, folder, True)
-                where = pl.describe()
-            elif pl.weights == "gpu":
-                m = AutoModelForCausalLM.from_pretrained(self.source.path, device_map={"": 0}, **kw)
-                where = pl.describe()
-            else:
-                m = AutoModelForCausalLM.from_pretrained(self.source.path, **kw)
-                where = pl.describe()
+            # nothing in host RAM beyond one layer onloaded at a time: every weight is read back from the folder,
+            # a private one per target, removed with the model
+            folder = tempfile.mkdtemp(prefix="quantkit-offload-", dir=pl.offload_dir)
+            with load_offloaded_model():
+                m = AutoModelForCausalLM.from_pretrained(
+                    self.source.path, device_map="auto_offload", max_memory={"cpu": 0}, offload_folder=folder,
+                    **kw)
+            weakref.finalize(m, shutil.rmtree, folder, True)
+            where = pl.describe()
+        elif pl.weights == "gpu":
+            m = AutoModelForCausalLM.from_pretrained(self.source.path, device_map={"": 0}, **kw)
+            where = pl.describe()
+        else:
+            m = AutoModelForCausalLM.from_pretrained(self.source.path, **kw)
+            where = pl.describe()
         self.devices[purpose] = where
         m.eval()
         return m

@@ -182,7 +182,6 @@ def rank_main(job_file: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from quantkit.context import BuildContext
-    from quantkit.pread import pread_checkpoints
     from quantkit.recipe.loader import load_recipe
     from quantkit.sources.resolve import resolve_source
     from quantkit.util import quiet_llmcompressor
@@ -201,7 +200,7 @@ def rank_main(job_file: str) -> None:
     calib = ctx.oneshot_calibration_kwargs(rows)
     share = f"{len(rows)} of {len(ctx.calibration.input_ids)} (rows {rows.start}-{rows.stop - 1})"
     t0 = time.perf_counter()
-    with load_offloaded_model(), pread_checkpoints():
+    with load_offloaded_model():
         model = AutoModelForCausalLM.from_pretrained(ctx.source.path, device_map="auto_offload", **kw)
     t1 = time.perf_counter()
     oneshot(model=model, recipe=job["modifiers"], tokenizer=ctx.tokenizer, **calib)

@@ -1,14 +1,13 @@
-"""Read safetensors checkpoints with pread(2), not through a memory map, while a library loads them.
+"""Read safetensors checkpoints with pread(2), not through a memory map, while llm-compressor's model-free path
+(compressed-tensors' shard loader) reads them.
 
-transformers 5 (`from_pretrained`) and compressed-tensors (llm-compressor's model-free path) open every
-checkpoint file memory-mapped and copy each tensor out of the mapping. The pages they read stay resident in the
-process until the file is closed, at the end of the whole load (or of the shard): the peak resident set is then
-the weights twice, the copies plus the mapped file, and in-place edits of tensors that are still mapped (e.g.
-SmoothQuant's rescaling) duplicate their pages once more (copy-on-write). safetensors' own `pread` backend reads
-each tensor straight into its own memory; the file's bytes pass through the page cache, which the kernel
-reclaims and which is not the process's memory. transformers picks that backend itself only on Windows and
-Apple MPS, and neither library takes it as an argument, so quantkit hands it in by replacing the `safe_open`
-name these modules imported, for the duration of one load.
+That loader opens each checkpoint shard memory-mapped and copies every tensor out of the mapping; the pages it
+read stay resident in the process until the shard's file is closed, after the whole shard is loaded, so each
+shard is held twice (its copies plus the mapped file). safetensors' own `pread` backend reads each tensor
+straight into its own memory; the bytes pass through the page cache, which the kernel reclaims and which is not
+the process's memory. The loader takes no backend argument, so quantkit hands it in by replacing the
+`safe_open` name that module imported, for the duration of one call. (transformers' `from_pretrained` is left
+memory-mapped: its tensors are views of the mapping, each page resident once, read or copied on write.)
 """
 from __future__ import annotations
 
@@ -16,8 +15,8 @@ import contextlib
 import importlib
 from collections.abc import Iterator
 
-# where the libraries quantkit drives open checkpoints to load them
-LOADERS = ("transformers.modeling_utils", "compressed_tensors.utils.safetensors_load")
+# where the library opens the checkpoint's shards
+LOADERS = ("compressed_tensors.utils.safetensors_load",)
 
 
 @contextlib.contextmanager

@@ -91,13 +91,14 @@ class GpuSampler:
         self._t.join(timeout=15)
 
 
-def build(recipe: Path, env: dict, log: Path, cuda: bool) -> dict:
+def build(recipe: Path, env: dict, log: Path, cuda: bool, no_sanity: bool = False) -> dict:
     t0 = time.perf_counter()
     sampler = GpuSampler() if cuda else None
     if sampler:
         sampler.__enter__()
     try:
-        p = subprocess.run([sys.executable, str(ROOT / "scripts/build_peak.py"), "build", str(recipe)],
+        p = subprocess.run([sys.executable, str(ROOT / "scripts/build_peak.py"), "build", str(recipe),
+                            *(["--no-sanity-check"] if no_sanity else [])],
                            capture_output=True, text=True, env=env, cwd=ROOT)
     finally:
         if sampler:
@@ -203,6 +204,7 @@ def main() -> int:
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--ppl", type=int, default=0, help="wikitext2 windows of 512 tokens (real models)")
     ap.add_argument("--logs", action="store_true", help="build logs into --out (default: the work folder)")
+    ap.add_argument("--no-sanity-check", action="store_true", help="skip the baseline check (the same in both)")
     a = ap.parse_args()
     import torch
 
@@ -226,7 +228,7 @@ def main() -> int:
     for n, recipe in recipes.items():
         store = work / f"store-g{n}"
         subprocess.run(["rm", "-rf", str(store), str(work / f"pulled-store-g{n}")], check=True)
-        rec = build(recipe, env, (a.out if a.logs else work) / f"build-g{n}.log", cuda)
+        rec = build(recipe, env, (a.out if a.logs else work) / f"build-g{n}.log", cuda, a.no_sanity_check)
         manifest, pulled[n] = artifact(store)
         devices = manifest["build"].get("devices", {})
         rec["devices"] = devices

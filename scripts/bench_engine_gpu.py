@@ -7,9 +7,12 @@ with its `hf_quant_config.json`. Each artifact is then read back from its files 
 checked against the same engine's reference path (dequantized weights, no compile) on one prompt, and timed:
 prefill of --prompt tokens and decode of --gen tokens at each batch size. Appends one JSON line per run to
 $OUT/results.jsonl and prints a table. `--layers` keeps the 8B layer shapes but fewer decoder layers (the
-embedding and lm_head stay full size), so a run fits one 10-minute call.
+embedding and lm_head stay full size). Variants pin kernels or turn the q/k/v and gate/up fusion off, at
+batch 1 only, to show what each choice is worth; `--profile` adds where a batch-1 decode step's time goes.
 
-  python scripts/bench_engine_gpu.py --layers 8 --out $OUT [--only bf16,fp8-dynamic] [--save-gemlite FILE]
+  python scripts/bench_engine_gpu.py --layers 32 --out $OUT [--only bf16,fp8-dynamic] [--save-gemlite FILE]
+      [--profile bf16,fp8-static] [--keep-dense DIR]
+  python scripts/bench_engine_gpu.py --tiny --layers 2 --prompt 32 --gen 4 --batches 1,2   # CPU dry run
 """
 from __future__ import annotations
 
@@ -142,9 +145,10 @@ def build(kind: str, dense: dict, cfg: dict, root: Path, group: int) -> Path:
 
 def check(engine, h, path: Path) -> dict:
     """Every kernel-backed linear of handle h against the same linear on the engine's reference path
-    (dequantized weights, fp32 matmul), on the same random activations (16 tokens): worst relative error.
+    (dequantized weights, fp32 matmul), on the same random activations (1, 16, 2048 tokens): worst relative error.
     (Whole-model logits are no check on a random model: its near-hard attention amplifies any rounding.)"""
-    ref = engine.load(path, ".", kernels={k: "reference" for k in ("fp8", "int8", "int4")}, compile=False)
+    ref = engine.load(path, ".", kernels={**{k: "reference" for k in ("fp8", "int8", "int4")},
+                                          "fuse": h.kernels.get("fuse", [])}, compile=False)
     mods = dict(ref.model.named_modules())
     worst, n = 0.0, 0
     g = torch.Generator(device=DEV).manual_seed(1)
@@ -152,15 +156,66 @@ def check(engine, h, path: Path) -> dict:
         for name, m in h.model.named_modules():
             if getattr(m, "kernel", "reference") in ("reference", "cublas-bf16"):
                 continue
-            x = torch.randn(16, mods[name].in_features if hasattr(mods[name], "in_features") else
-                            (mods[name].q.shape[1] if hasattr(mods[name], "q") else mods[name].weight.shape[1]),
-                            generator=g, device=DEV).to(h.dtype)
-            a, b = m(x).float(), mods[name](x).float()
-            worst, n = max(worst, float((a - b).norm() / b.norm())), n + 1
+            k = mods[name].q.shape[1] if hasattr(mods[name], "q") else mods[name].weight.shape[1]
+            for rows in (1, 16, 2048):  # int4 modules pick a kernel per call by rows: check each
+                x = torch.randn(rows, k, generator=g, device=DEV).to(h.dtype)
+                a, b = m(x).float(), mods[name](x).float()
+                worst = max(worst, float((a - b).norm() / b.norm()))
+            n += 1
     del ref, mods
     if DEV == "cuda":
         torch.cuda.empty_cache()
     return {"linears": n, "max_rel_err": round(worst, 5)}
+
+
+def keep_dense(src: Path, dest: Path, tokenizer: Path) -> None:
+    """The bf16 checkpoint with a tokenizer (the demo model's: the 8B one is not available offline; the
+    converter pads the vocabulary to the model's 128256 rows) for llama.cpp's converter; `.ready` last."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(src), str(dest))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer / f, dest / f)
+    (dest / ".ready").write_text("ok\n")
+
+
+def profile_decode(h, prompt: int, bytes_per_token: int, gb_s: float, steps: int = 20) -> dict:
+    """Where a batch-1 decode step's time goes: the same step (compiled layers) run without the graph under the
+    profiler gives every kernel's device time; the graph replay's time per step (CUDA events) minus their sum
+    is the time with no kernel running (launch gaps inside the graph)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from quantkit.evaluation.engines.torch_compiled import _decode_graph
+
+    h.model.setup_cache(1, prompt + steps + 8, h.dtype, h.device)
+    with torch.inference_mode():
+        tok, pos, replay = _decode_graph(h, 1, prompt)
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        for _ in range(3):
+            replay()
+        pos.fill_(prompt)
+        ev[0].record()
+        for _ in range(steps):
+            replay()
+        ev[1].record()
+        torch.cuda.synchronize()
+        graph_us = ev[0].elapsed_time(ev[1]) * 1000 / steps
+        pos.fill_(prompt)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):  # the step _decode_graph captures, launched kernel by kernel
+                tok.copy_(h.model(tok, pos, last_only=True)[:, -1].argmax(-1, keepdim=True))
+                pos.add_(1)
+            torch.cuda.synchronize()
+    kern = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t and e.count:
+            kern[e.key] = (t / steps, e.count / steps)
+    total = sum(t for t, _ in kern.values())
+    top = sorted(kern.items(), key=lambda kv: -kv[1][0])[:15]
+    h.model.drop_cache()
+    return {"step_us": round(graph_us, 1), "kernel_us": round(total, 1), "idle_us": round(graph_us - total, 1),
+            "bound_us": round(bytes_per_token / gb_s / 1e3, 1), "kernels_per_step": round(sum(c for _, c in kern.values())),
+            "top": [{"name": k[:90], "us": round(t, 1), "n": round(c, 1)} for k, (t, c) in top]}
 
 
 def main() -> None:
@@ -175,6 +230,11 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--budget-s", type=float, default=480)
     ap.add_argument("--save-gemlite", default="")
+    ap.add_argument("--root", default="/tmp/qkbench", help="where the artifacts are written (one at a time)")
+    ap.add_argument("--profile", default="", help="runs (labels) whose batch-1 decode step is profiled")
+    ap.add_argument("--keep-dense", default="", help="move the bf16 checkpoint here (with --tokenizer's files) "
+                    "for the GGUF conversion")
+    ap.add_argument("--tokenizer", default="models/smollm2-135m-instruct")
     ap.add_argument("--tiny", action="store_true", help="small dims (a CPU dry run of the script)")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -189,31 +249,38 @@ def main() -> None:
     bw = memory_bandwidth()
     print(f"{gpu}; torch {torch.__version__}; bandwidth {bw['gb_per_s']} GB/s; gemlite config "
           f"{load_gemlite_config() if DEV == 'cuda' else None}", flush=True)
-    runs = [  # (label, artifact kind, kernels pinned or None = the engine's per-batch choice)
-        ("bf16", "bf16", None), ("fp8-dynamic", "fp8-dynamic", None),
-        ("fp8-dynamic rowwise", "fp8-dynamic", {"fp8": "scaled_mm-rowwise"}), ("fp8-static", "fp8-static", None),
-        ("trtllm-fp8", "trtllm-fp8", None), ("int8-w8a8", "int8-w8a8", None),
-        ("gptq-w4-g128 gemlite", "gptq-w4-sym", {"int4": "gemlite"}),
-        ("gptq-w4-g128 tinygemm", "gptq-w4-sym", {"int4": "tinygemm"}),
-        ("gptq-w4-g128-asym", "gptq-w4-asym", None), ("awq-w4-g128", "awq-w4", None),
-        ("trtllm-int4-awq", "trtllm-int4-awq", None)]
+    b_all = [int(b) for b in args.batches.split(",")]
+    unfused = {"fuse": []}
+    runs = [  # (label, artifact kind, kernels over the engine's per-batch choice or None, batch sizes or None = all)
+        ("bf16", "bf16", None, None), ("bf16 unfused", "bf16", unfused, [1]),
+        ("fp8-static", "fp8-static", None, None), ("fp8-static unfused", "fp8-static", unfused, [1]),
+        ("trtllm-fp8", "trtllm-fp8", None, None), ("fp8-dynamic", "fp8-dynamic", None, None),
+        ("gptq-w4-g128", "gptq-w4-sym", None, None),
+        ("gptq-w4-g128 tinygemm unfused", "gptq-w4-sym", {"int4": "tinygemm", "fuse": []}, [1]),
+        ("gptq-w4-g128 gemlite", "gptq-w4-sym", {"int4": "gemlite"}, [1]),
+        ("gptq-w4-g128-asym", "gptq-w4-asym", None, None), ("awq-w4-g128", "awq-w4", None, None),
+        ("trtllm-int4-awq", "trtllm-int4-awq", None, None), ("int8-w8a8", "int8-w8a8", None, None),
+        ("fp8-dynamic rowwise", "fp8-dynamic", {"fp8": "scaled_mm-rowwise"}, [1])]
     only = [s for s in args.only.split(",") if s]
     runs = [r for r in runs if not only or r[0] in only or r[1] in only]
+    if only:  # in the order asked
+        runs.sort(key=lambda r: min(only.index(x) for x in (r[0], r[1]) if x in only))
     cfg = llama31_8b(args.layers)
     if args.tiny:
         cfg.update(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                   head_dim=64, vocab_size=1024)
+                   head_dim=64, vocab_size=49152)  # the demo tokenizer's size (the GGUF lane's converter)
     dense = random_dense(cfg)
-    root = Path("/tmp/qkbench")
-    spec = SimpleNamespace(prompt_len=args.prompt, gen_len=args.gen, repetitions=args.reps, warmup=1,
-                           batch_sizes=[int(b) for b in args.batches.split(",")], threads=None)
+    root = Path(args.root)
     results = []
-    for label, kind, kernels in runs:
+    for i, (label, kind, kernels, batches) in enumerate(runs):
+        spec = SimpleNamespace(prompt_len=args.prompt, gen_len=args.gen, repetitions=args.reps, warmup=1,
+                               batch_sizes=batches or b_all, threads=None)
         if time.perf_counter() - t_start > args.budget_s:
             print(f"{label}: skipped (time budget)", flush=True)
             continue
         t0 = time.perf_counter()
-        rec = {"run": label, "artifact": kind, "layers": args.layers, "gpu": gpu, "bandwidth": bw}
+        rec = {"run": label, "artifact": kind, "layers": args.layers, "gpu": gpu, "bandwidth": bw,
+               "gpu_index": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
         try:
             path = root / kind if (root / kind).exists() else build(kind, dense, cfg, root, args.group)
             rec["write_s"] = round(time.perf_counter() - t0, 1)
@@ -221,10 +288,12 @@ def main() -> None:
             t1 = time.perf_counter()
             h = engine.load(path, ".", kernels=kernels, compile=False)
             rec["load_s"] = round(time.perf_counter() - t1, 1)
-            rec["check"] = check(engine, h, path)
+            rec["check"] = check(engine, h, path) if kind != "bf16" else {"linears": 0}
             if DEV == "cuda":
                 engine.compile(h)
             tp = engine.throughput(h, spec)
+            if label in args.profile.split(",") and DEV == "cuda":
+                rec["profile_b1"] = profile_decode(h, args.prompt, wb["bytes_per_token"], bw["gb_per_s"])
             del h
             rec.update(tp=tp, bytes_per_token=wb["bytes_per_token"], decode_bound_tok_s=round(decode_bound(wb, bw), 1))
         except Exception as e:  # one broken layout must not cost the other measurements
@@ -240,7 +309,9 @@ def main() -> None:
             import gemlite
 
             gemlite.cache_config(args.save_gemlite)
-        if not any(kind == r[1] for r in runs[runs.index((label, kind, kernels)) + 1:]):
+        if not any(kind == r[1] for r in runs[i + 1:]):  # the last run of this artifact
+            if kind == "bf16" and args.keep_dense and not Path(args.keep_dense, "config.json").exists():
+                keep_dense(root / kind, Path(args.keep_dense), Path(args.tokenizer))
             shutil.rmtree(root / kind, ignore_errors=True)
     table(results)
 

@@ -15,11 +15,17 @@
 #    llama_cpp/lib links to the same lib/ so a plain `import llama_cpp` works too.
 #
 # Env: QUANTKIT_CACHE (default ~/.cache/quantkit), CMAKE_BUILD_PARALLEL_LEVEL (default nproc).
-# Builds use GGML_NATIVE (-march=native): the cache is meant for this machine only.
+# Builds use GGML_NATIVE (-march=native; with cuda, CMAKE_CUDA_ARCHITECTURES=native, the GPUs present at build
+# time): the cache is meant for this machine only.
+#
+# cuda: needs nvcc (PATH, $CUDACXX, or /usr/local/cuda/bin) and a visible GPU. Offline hosts (the H200 run,
+# docs/benchmarks/h200/README.md): put the sdist at $QUANTKIT_CACHE/sdist/ beforehand (a trimmed one with
+# only what CMake needs works: the vendored llama.cpp without docs, tests, vocab files and other backends)
+# and let pip find the binding's dependencies locally (PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR_WITH_WHEELS).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TOOLS=(llama-quantize llama-imatrix llama-perplexity llama-bench)
+TOOLS=(llama-quantize llama-imatrix llama-perplexity llama-bench llama-batched-bench)
 
 log() { printf '[setup_llama_cpp] %s\n' "$*"; }
 die() { printf '[setup_llama_cpp] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -89,9 +95,20 @@ need_tool() {
     printf '%s' "$VENV/bin/$1"
 }
 
+# CUDA builds: CMake's CUDA language needs nvcc; the CUDA images often keep it off PATH.
+find_nvcc() {
+    [ "$BACKEND" = cuda ] || return 0
+    if [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null; then
+        [ -x /usr/local/cuda/bin/nvcc ] || die "cuda backend: nvcc not found (PATH, \$CUDACXX, /usr/local/cuda/bin)"
+        export PATH="/usr/local/cuda/bin:$PATH"
+    fi
+    log "cuda: $("${CUDACXX:-nvcc}" --version | tail -n 1)"
+}
+
 build_llama_cpp() {
     if [ -f "$STAMP" ]; then log "llama.cpp $KEY: present ($DEST)"; return 0; fi
     fetch_sdist
+    find_nvcc
     local cmake ninja t0=$SECONDS w src
     cmake="$(need_tool cmake)"; ninja="$(need_tool ninja)"
     mktmp w "$CACHE/llama.cpp/.build-$KEY.XXXXXX"

@@ -105,10 +105,13 @@ def test_cell(arch_model, fmt, request):
     request.node.user_properties.append(("arch_cell_status", "supported"))
 
 
-def test_validate_names_the_missing_support_in_one_line(tiny_llama, tmp_path):
+def test_validate_names_the_missing_support_in_one_line(tiny_llama, tmp_path, request):
+    request.node.user_properties.append(("arch_cell", {"arch": "mixtral", "format": "awq",
+                                                       "engine": FORMATS["awq"][1]}))
     model = make_tiny("mixtral", tmp_path / "mixtral", tiny_llama)  # validation reads the config: any tokenizer
     recipe = _recipe(tmp_path, model, [FORMATS["awq"][0]])
     r = run_cli("recipe", "validate", str(recipe))
     assert r.returncode == 2, r.stderr
     line = r.stderr.strip()
     assert "\n" not in line and "target awq" in line and "Mixtral" in line and "asymmetric" in line
+    request.node.user_properties.append(("arch_cell_status", "unsupported"))

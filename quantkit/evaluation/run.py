@@ -110,10 +110,14 @@ def evaluate(ctx, engine_name: str, path: Path, entry: str, wants: list[Want], c
         console.print(f"  {w.name}: ppl {r['ppl']:.3f} ({r['windows']} x {p.seq_len} tokens, "
                       f"{r['wall_s']:.0f} s, {engine_name})", highlight=False)
         records.append({**r, "kind": w.kind, "key": w.key})
-    del handle  # one model in memory at a time: the speed engine loads its own below
+    # one model in memory at a time: a speed engine other than this one loads its own below; the same engine
+    # (the CPU case) times the model already loaded instead of decompressing the artifact a second time
+    if speed_engine(engine_name) is not engine:
+        handle = None
     for w in wants:
         if w.kind == "throughput":
-            r = _throughput(ctx, engine_name, path, entry, console)
+            r = _throughput(ctx, engine_name, path, entry, console, handle)
+            handle = None
             if r is None:
                 continue
             r.setdefault("host", socket.gethostname())  # every speed record names its host (provenance)
@@ -139,14 +143,14 @@ def _load(ctx, engine, path: Path, entry: str):
         return engine.load(path, entry, dtype=ctx.recipe.model.dtype, trust_remote_code=allowed)
 
 
-def _throughput(ctx, engine_name: str, path: Path, entry: str, console) -> dict | None:
-    """Time the artifact in its speed engine; an artifact that engine has no kernel for (it raises
-    `NotServed`) is timed by its own engine, and the record says why."""
+def _throughput(ctx, engine_name: str, path: Path, entry: str, console, loaded=None) -> dict | None:
+    """Time the artifact in its speed engine (`loaded`: that engine's handle, when already loaded); an artifact
+    that engine has no kernel for (it raises `NotServed`) is timed by its own engine, and the record says why."""
     from quantkit.evaluation.kernels.weights import NotServed
 
     speed = speed_engine(engine_name)
     try:
-        handle = _load(ctx, speed, path, entry)
+        handle = loaded if loaded is not None else _load(ctx, speed, path, entry)
     except NotServed as e:
         own = get_engine(engine_name)
         if speed is own or not hasattr(own, "throughput"):

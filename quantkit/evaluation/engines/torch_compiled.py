@@ -86,12 +86,15 @@ class TorchCompiledEngine:
         if why:
             raise NotServed(why)
         _, linears, other, layout = read_artifact(target)
+        if config.tie_word_embeddings and "model.embed_tokens.weight" not in other and "lm_head.weight" in other:
+            other["model.embed_tokens.weight"] = other.pop("lm_head.weight")  # a tied pair saved under one name
         pinned = kernels is not None
-        kernels = kernels or kernel_set(device, batch_size)
+        kernels = {**kernel_set(device, batch_size), **(kernels or {})}
+        fused = _fuse(linears, other, config.num_hidden_layers, set(kernels.get("fuse", ())))
         if device == "cuda":
             load_gemlite_config()
         with torch.device("meta"):
-            model = Decoder(config, lambda name: torch.nn.Identity())
+            model = Decoder(config, lambda name: torch.nn.Identity(), frozenset(fused))
         used: dict[str, set] = {}
         for name, module in list(model.named_modules()):
             if not isinstance(module, torch.nn.Identity) or name == "" or name.endswith("rotary"):
@@ -121,7 +124,10 @@ class TorchCompiledEngine:
             model.lm_head = dense_linear(model.model.embed_tokens.weight.data, None, device, dt)
             used.setdefault("dense", set()).add(model.lm_head.kernel)
         model.eval()
-        h = Handle(target, model, device, dt, layout, kernels, False, pinned, {k: sorted(v) for k, v in used.items()})
+        used = {k: sorted(v) for k, v in used.items()}
+        if fused:
+            used["fused"] = sorted(fused)
+        h = Handle(target, model, device, dt, layout, kernels, False, pinned, used)
         if device == "cuda" if compile is None else compile:
             self.compile(h)
         return h
@@ -190,6 +196,21 @@ class TorchCompiledEngine:
         return {"engine": ENGINE, "device": dev, "host": socket.gethostname(),
                 "dtype": str(handle.dtype).removeprefix("torch."), "layout": handle.layout,
                 "kernels": handle.used, "kernel_versions": _kernel_versions(), "versions": library_versions()}
+
+
+def _fuse(linears: dict, other: dict, n_layers: int, kinds: set) -> set:
+    """q/k/v and gate/up as one linear each where `kinds` allows (kernels/fuse.py); a dense artifact's linears
+    come as plain tensors in `other` and are taken into `linears` for that."""
+    from quantkit.evaluation.kernels.fuse import GROUPS, fuse_layers
+
+    if "dense" in kinds:
+        for i in range(n_layers):
+            for member in (m for ms in GROUPS.values() for m in ms):
+                name = f"model.layers.{i}.{member}"
+                if name not in linears and f"{name}.weight" in other:
+                    linears[name] = QuantWeight("dense", weight=other.pop(f"{name}.weight"),
+                                                bias=other.pop(f"{name}.bias", None))
+    return fuse_layers(linears, n_layers, kinds) if kinds else set()
 
 
 def _decode_graph(h: Handle, b: int, prompt_len: int):

@@ -19,6 +19,12 @@ from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
 DEFAULT = {"dense": "cublas-bf16", "fp8": "scaled_mm-epilogue", "int8": "gemlite", "int4": "gemlite"}
+# Kinds whose module holds several kernels and picks one per call by the number of tokens in the call (decode
+# steps and prefill of one batch size need different kernels): their table entry is keyed by tokens, not batch.
+BY_TOKENS = ("int4",)
+# Kinds whose q/k/v and gate/up are fused into one GEMM each (kernels/fuse.py); "fuse" in a GPU's table
+# overrides it. int8 is not: gemlite autotunes every new shape (minutes) and its fused shapes are not tuned.
+FUSE = ["dense", "fp8", "int4"]
 BASE = {"h200": "h100"}  # gemlite ships no H200 configuration; the H100's is the same sm90 chip
 CPU = {"dense": "reference", "fp8": "reference", "int8": "reference", "int4": "reference"}
 
@@ -33,21 +39,32 @@ def _table() -> dict:
     return json.loads(f.read_text()) if f.exists() else {}
 
 
-def kernel_set(device: str, batch_size: int) -> dict[str, str]:
+def kernel_set(device: str, batch_size: int) -> dict:
     if device != "cuda":
-        return dict(CPU)
+        return dict(CPU, fuse=list(FUSE))
     import torch
 
     return choose(_table().get(torch.cuda.get_device_name(0), {}), batch_size)
 
 
-def choose(per_gpu: dict, batch_size: int) -> dict[str, str]:
-    """DEFAULT overridden by a GPU's table: per kind, the choice measured at the batch size nearest below
-    (or the smallest measured), so 8 takes the choice made at 1, and 64 the one made at 16."""
-    out = dict(DEFAULT)
+def nearest_below(by_n: dict, n: int):
+    """The entry measured at the size nearest below n (or the smallest measured): 8 takes the choice made at 1,
+    and 64 the one made at 16."""
+    known = sorted(int(b) for b in by_n)
+    return by_n[str(max((b for b in known if b <= n), default=known[0]))]
+
+
+def choose(per_gpu: dict, batch_size: int) -> dict:
+    """DEFAULT overridden by a GPU's table: per kind, the choice for this batch size (`nearest_below`), or for
+    BY_TOKENS kinds the whole {tokens: kernel} table (the module picks per call); "fuse": the fused kinds."""
+    out: dict = dict(DEFAULT, fuse=list(FUSE))
     for kind, by_batch in per_gpu.items():
-        known = sorted(int(b) for b in by_batch)
-        out[kind] = by_batch[str(max((b for b in known if b <= batch_size), default=known[0]))]
+        if kind == "fuse":
+            out["fuse"] = list(by_batch)
+        elif kind in BY_TOKENS:
+            out[kind] = dict(by_batch)
+        else:
+            out[kind] = nearest_below(by_batch, batch_size)
     return out
 
 

@@ -103,34 +103,67 @@ def tinygemm_scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype) ->
     return torch.stack([s, (8.0 - zero.float()) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
 
+def tinygemm_serves(in_features: int, group_size: int) -> bool:
+    """torch's tinygemm packs the input dimension in tiles of 8 x 16 (innerKTiles 8) and takes groups of
+    32..256; other shapes go to the next kernel of the module's choice."""
+    return in_features % 128 == 0 and group_size in (32, 64, 128, 256)
+
+
 class Int4Linear(nn.Module):
-    def __init__(self, qw: QuantWeight, device, dtype, kernel: str):
+    """`kernel` is one kernel name, or {tokens: kernel} (choices.BY_TOKENS): the module then holds each kernel's
+    copy of the weight and picks per call by the number of tokens (the entry at the size nearest below), so
+    decode steps and prefill of one model run different kernels. Under torch.compile the pick is made at trace
+    time (shapes are static). Kernels: "gemlite", "tinygemm", "dequant" (the weight dequantized to bf16 inside
+    the compiled graph, then cuBLAS: for prefill, where the GEMM is compute-bound and the 4-bit kernels are
+    slower than cuBLAS), "reference" (fp32, any device)."""
+
+    def __init__(self, qw: QuantWeight, device, dtype, kernel):
         super().__init__()
-        self.dtype, self.kernel, self.group_size = dtype, kernel, qw.group_size
+        self.dtype, self.group_size = dtype, qw.group_size
+        self.by_tokens = {int(t): k for t, k in kernel.items()} if isinstance(kernel, dict) else {1: kernel}
+        self.kernel = "/".join(f"{k}@{t}" for t, k in sorted(self.by_tokens.items())) if len(self.by_tokens) > 1 \
+            else self.by_tokens[1]
         self.out_features = qw.q.shape[0]
         self.register_buffer("perm", None if qw.perm is None else qw.perm.to(device))
         pqs = qw.pre_quant_scale
         self.register_buffer("pre_quant_scale", None if pqs is None else pqs.to(device, dtype))
         self.register_buffer("bias", None if qw.bias is None else qw.bias.to(device, dtype))
         q = qw.q.to(device)
-        if kernel == "reference":
+        if "tinygemm" in self.by_tokens.values() and not tinygemm_serves(q.shape[1], qw.group_size):
+            # e.g. SmolLM2's hidden size 576: tinygemm packs K in tiles of 128 (measured on the H200 demo run)
+            sub = "gemlite" if str(device).startswith("cuda") else "reference"
+            self.by_tokens = {t: sub if k == "tinygemm" else k for t, k in self.by_tokens.items()}
+            self.kernel = "/".join(f"{k}@{t}" for t, k in sorted(self.by_tokens.items())) \
+                if len(self.by_tokens) > 1 else self.by_tokens[1]
+        kernels = set(self.by_tokens.values())
+        if unknown := kernels - {"reference", "gemlite", "tinygemm", "dequant"}:
+            raise ValueError(f"unknown int4 kernel {sorted(unknown)}")
+        if kernels & {"reference", "dequant"}:
             self.register_buffer("q", q)
-            self.register_buffer("scale", qw.scale.to(device, torch.float32))
-            self.register_buffer("zero", qw.zero.to(device, torch.float32))
-        elif kernel == "gemlite":
+            fdt = torch.float32 if "reference" in kernels else dtype
+            self.register_buffer("scale", qw.scale.to(device, fdt))
+            self.register_buffer("zero", qw.zero.to(device, fdt))
+        if "gemlite" in kernels:
             from gemlite.helper import A16W4_HQQ_INT
 
             self.gemlite = A16W4_HQQ_INT(device=device, dtype=dtype).from_weights(
                 q, qw.scale.to(device, dtype), qw.zero.to(device, dtype))
-        elif kernel == "tinygemm":
+        if "tinygemm" in kernels:
             if str(device).startswith("cuda"):
                 packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
                 self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(packed, 8))
             else:  # torch's CPU build of the same kernel (used by the tests to check the conversion)
                 self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 8))
             self.register_buffer("sz", tinygemm_scales_and_zeros(qw.scale, qw.zero, dtype).to(device))
-        else:
-            raise ValueError(f"unknown int4 kernel {kernel!r}")
+
+    def pick(self, tokens: int) -> str:
+        """The kernel measured at the size nearest below `tokens` (a plain loop: torch.compile traces it)."""
+        sizes = sorted(self.by_tokens)
+        kernel = self.by_tokens[sizes[0]]
+        for t in sizes:
+            if t <= tokens:
+                kernel = self.by_tokens[t]
+        return kernel
 
     def forward(self, x):
         shape = x.shape
@@ -139,14 +172,19 @@ class Int4Linear(nn.Module):
             x = x * self.pre_quant_scale
         if self.perm is not None:
             x = x[:, self.perm]
-        if self.kernel == "gemlite":
+        kernel = self.pick(x.shape[0])
+        if kernel == "gemlite":
             y = self.gemlite(x)
-        elif self.kernel == "tinygemm":
+        elif kernel == "tinygemm":
             mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
             y = mm(x.to(self.dtype), self.packed, self.group_size, self.sz)
+        elif kernel == "dequant":
+            gs = self.group_size
+            w = (self.q.to(self.dtype) - self.zero.repeat_interleave(gs, 1)) * self.scale.repeat_interleave(gs, 1)
+            y = x.to(self.dtype) @ w.t()
         else:
             g = torch.arange(self.q.shape[1], device=x.device) // self.group_size
-            w = (self.q.float() - self.zero[:, g]) * self.scale[:, g]
+            w = (self.q.float() - self.zero[:, g].float()) * self.scale[:, g].float()
             y = x.float() @ w.t()
         if self.bias is not None:
             y = y + self.bias
@@ -162,8 +200,9 @@ def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, device, dtype)
     return lin
 
 
-def make_linear(qw: QuantWeight, device, dtype, kernels: dict[str, str]) -> nn.Module:
-    """The module for one linear; `kernels` maps kind -> kernel name ("reference" = dequantized matmul)."""
+def make_linear(qw: QuantWeight, device, dtype, kernels: dict) -> nn.Module:
+    """The module for one linear; `kernels` maps kind -> kernel name ("reference" = dequantized matmul), or for
+    int4 optionally {tokens: kernel name} (picked per call)."""
     k = kernels.get(qw.kind, "reference")
     if qw.kind == "dense":
         return dense_linear(qw.weight, qw.bias, device, dtype)

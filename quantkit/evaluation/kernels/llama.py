@@ -40,14 +40,17 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config, make_linear, prefix: str):
+    def __init__(self, config, make_linear, prefix: str, fused: bool = False):
         super().__init__()
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
-        self.q_proj = make_linear(f"{prefix}.q_proj")
-        self.k_proj = make_linear(f"{prefix}.k_proj")
-        self.v_proj = make_linear(f"{prefix}.v_proj")
+        if fused:  # one GEMM for q, k and v (kernels/fuse.py)
+            self.qkv_proj = make_linear(f"{prefix}.qkv_proj")
+        else:
+            self.q_proj = make_linear(f"{prefix}.q_proj")
+            self.k_proj = make_linear(f"{prefix}.k_proj")
+            self.v_proj = make_linear(f"{prefix}.v_proj")
         self.o_proj = make_linear(f"{prefix}.o_proj")
         self.cache: KVCache | None = None
 
@@ -55,9 +58,14 @@ class Attention(nn.Module):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if hasattr(self, "qkv_proj"):
+            kv = self.n_kv * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if self.cache is not None:  # gpt-fast's pattern: an in-place index_put on a buffer (inductor keeps it in place)
             self.cache.k[:, :, pos] = k
@@ -75,28 +83,35 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config, make_linear, prefix: str):
+    def __init__(self, config, make_linear, prefix: str, fused: bool = False):
         super().__init__()
         from transformers.activations import ACT2FN
 
-        self.gate_proj = make_linear(f"{prefix}.gate_proj")
-        self.up_proj = make_linear(f"{prefix}.up_proj")
+        if fused:  # one GEMM for gate and up (kernels/fuse.py)
+            self.gate_up_proj = make_linear(f"{prefix}.gate_up_proj")
+        else:
+            self.gate_proj = make_linear(f"{prefix}.gate_proj")
+            self.up_proj = make_linear(f"{prefix}.up_proj")
         self.down_proj = make_linear(f"{prefix}.down_proj")
         self.act = ACT2FN[config.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):
-    def __init__(self, config, make_linear, i: int):
+    def __init__(self, config, make_linear, i: int, fused: frozenset = frozenset()):
         super().__init__()
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = Attention(config, make_linear, f"model.layers.{i}.self_attn")
-        self.mlp = MLP(config, make_linear, f"model.layers.{i}.mlp")
+        self.self_attn = Attention(config, make_linear, f"model.layers.{i}.self_attn", "self_attn.qkv_proj" in fused)
+        self.mlp = MLP(config, make_linear, f"model.layers.{i}.mlp", "mlp.gate_up_proj" in fused)
 
     def forward(self, x, cos, sin, pos):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, pos)
@@ -105,16 +120,16 @@ class Block(nn.Module):
 
 class Decoder(nn.Module):
     """Parameter names follow the HF checkpoint (`model.layers.N....`, `lm_head`), so `load_state_dict` takes
-    the artifact's non-linear tensors as they are."""
+    the artifact's non-linear tensors as they are. `fused`: the groups of kernels/fuse.py built as one linear."""
 
-    def __init__(self, config, make_linear):
+    def __init__(self, config, make_linear, fused: frozenset = frozenset()):
         super().__init__()
         from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
         self.config = config
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.model.layers = nn.ModuleList(Block(config, make_linear, i) for i in range(config.num_hidden_layers))
+        self.model.layers = nn.ModuleList(Block(config, make_linear, i, fused) for i in range(config.num_hidden_layers))
         self.model.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = make_linear("lm_head")
         self.rotary = LlamaRotaryEmbedding(config)

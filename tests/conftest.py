@@ -18,8 +18,16 @@ DATA = Path(os.environ["QUANTKIT_DATA"])
 SMOLLM2 = ROOT / "models" / "smollm2-135m-instruct"
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the real `quantkit` command in a fresh process (exit codes and stderr as a user sees them)."""
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None,
+            fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run the real `quantkit` command in a process of its own (exit code, stdout and stderr as a user sees them).
+    By default the process is forked from a server that has already imported torch and friends
+    (tests/warm_cli.py); fresh=True, or an environment that changes what happens at interpreter start (PYTHONPATH,
+    thread counts), starts a new interpreter instead."""
+    if not fresh and not any(k == "PYTHONPATH" or k.endswith("_NUM_THREADS") for k in env or {}):
+        import warm_cli
+
+        return warm_cli.run(args, cwd or ROOT, {**os.environ, **(env or {})})
     return subprocess.run([sys.executable, "-m", "quantkit.cli", *args], capture_output=True, text=True,
                           cwd=cwd or ROOT, env={**os.environ, **(env or {})})
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMOLLM2, run_cli
+from conftest import run_cli
 from quantkit.architectures import read_config, target_problems
 from quantkit.errors import UserError
 from tiny_models import ARCHS, MOE, NO_GGUF, make_tiny
@@ -48,12 +48,13 @@ def _recipe(root: Path, model: Path, targets: list[str]) -> Path:
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
-def arch_model(request, tmp_path_factory):
+def arch_model(request, smollm2, tmp_path_factory):
     """(arch, model dir, store root): one tiny checkpoint per architecture; its cells share the store, so the
-    baseline and the calibration set are made once."""
+    baseline and the calibration set are made once. It borrows the demo model's tokenizer (tiny_models.py), so
+    every cell is `slow` (conftest's marker rule): nine architectures x four formats is minutes on 2 cores."""
     arch = request.param
     root = tmp_path_factory.mktemp(f"arch-{arch}")
-    return arch, make_tiny(arch, root / arch.replace(".", ""), SMOLLM2), root
+    return arch, make_tiny(arch, root / arch.replace(".", ""), smollm2), root
 
 
 def _build(root: Path, model: Path, fmt: str) -> dict[str, dict]:
@@ -104,10 +105,13 @@ def test_cell(arch_model, fmt, request):
     request.node.user_properties.append(("arch_cell_status", "supported"))
 
 
-def test_validate_names_the_missing_support_in_one_line(tmp_path):
-    model = make_tiny("mixtral", tmp_path / "mixtral", SMOLLM2)
+def test_validate_names_the_missing_support_in_one_line(tiny_llama, tmp_path, request):
+    request.node.user_properties.append(("arch_cell", {"arch": "mixtral", "format": "awq",
+                                                       "engine": FORMATS["awq"][1]}))
+    model = make_tiny("mixtral", tmp_path / "mixtral", tiny_llama)  # validation reads the config: any tokenizer
     recipe = _recipe(tmp_path, model, [FORMATS["awq"][0]])
     r = run_cli("recipe", "validate", str(recipe))
     assert r.returncode == 2, r.stderr
     line = r.stderr.strip()
     assert "\n" not in line and "target awq" in line and "Mixtral" in line and "asymmetric" in line
+    request.node.user_properties.append(("arch_cell_status", "unsupported"))

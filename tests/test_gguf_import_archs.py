@@ -11,14 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMOLLM2, run_cli
+from conftest import run_cli
 from quantkit.architectures import read_config
 from quantkit.toolchain.llama_cpp import convert_env, convert_script
 from tiny_models import ARCHS, GGUF_VOCAB_FROM, NO_GGUF, make_tiny
 
+# each test converts with llama.cpp and imports in a subprocess (llama.cpp + transformers scoring): 30-90 s on
+# 2 cores, over the conftest threshold; `make test` runs them, `make check` leaves them out
+pytestmark = pytest.mark.slow
 CONVERTIBLE = [a for a in ARCHS if a not in NO_GGUF or a in GGUF_VOCAB_FROM]  # see tiny_models.NO_GGUF
 # architecture -> what the one-line refusal says (none left: every convertible family imports and agrees)
 REFUSED: dict[str, str] = {}
+IMPORT_CELL = {"format": "import-gguf", "engine": "llama.cpp vs transformers"}  # the support table's column
 
 
 def to_gguf(model: Path, out: Path, vocab_from: Path | None = None) -> Path:
@@ -34,25 +38,27 @@ def to_gguf(model: Path, out: Path, vocab_from: Path | None = None) -> Path:
 class _TinyGGUFs(dict):
     """arch -> (root, GGUF of the tiny checkpoint), made on first use (a -k selection converts only its own)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, tokenizer_dir: Path):
         super().__init__()
-        self.root = root
+        self.root, self.tokenizer_dir = root, tokenizer_dir
 
     def __missing__(self, arch: str):
-        model = make_tiny(arch, self.root / arch.replace(".", ""), SMOLLM2)
+        model = make_tiny(arch, self.root / arch.replace(".", ""), self.tokenizer_dir)
         vocab = self[GGUF_VOCAB_FROM[arch]][1] if arch in GGUF_VOCAB_FROM else None
         self[arch] = (self.root, to_gguf(model, self.root / f"{arch}.gguf", vocab))
         return self[arch]
 
 
 @pytest.fixture(scope="module")
-def tiny_ggufs(tmp_path_factory):
-    return _TinyGGUFs(tmp_path_factory.mktemp("gguf-import"))
+def tiny_ggufs(smollm2, tmp_path_factory):
+    """The demo model's tokenizer (tiny_models.py) makes these `slow` (conftest's marker rule): a conversion and
+    a verified import per architecture are minutes on 2 cores."""
+    return _TinyGGUFs(tmp_path_factory.mktemp("gguf-import"), smollm2)
 
 
 @pytest.mark.parametrize("arch", CONVERTIBLE)
 def test_import_agrees_with_llama_cpp_or_is_refused(tiny_ggufs, arch, request):
-    cell = {"arch": arch, "format": "import-gguf", "engine": "llama.cpp vs transformers"}
+    cell = {"arch": arch, **IMPORT_CELL}
     request.node.user_properties.append(("arch_cell", cell))  # conftest writes it to the matrix JSON
     root, gguf = tiny_ggufs[arch]
     out = root / f"{arch}-imported"
@@ -79,13 +85,14 @@ def test_import_agrees_with_llama_cpp_or_is_refused(tiny_ggufs, arch, request):
     request.node.user_properties.append(("arch_cell_status", "supported"))
 
 
-def test_disagreeing_import_is_refused_and_writes_nothing(tiny_ggufs, tmp_path):
+def test_disagreeing_import_is_refused_and_writes_nothing(tiny_ggufs, tmp_path, request):
     """A GGUF that transformers reads differently from llama.cpp: the tiny Llama plus a `rope_freqs` tensor
     (Llama 3.1's RoPE scaling factors), which llama.cpp applies and transformers' GGUF loader ignores. The query
     and key weights are scaled up so that the random model's attention depends on position at all."""
     import gguf
     import numpy as np
 
+    request.node.user_properties.append(("arch_cell", {"arch": "llama3", **IMPORT_CELL}))
     root, src = tiny_ggufs["llama3"]
     bad = tmp_path / "rope-freqs.gguf"
     reader = gguf.GGUFReader(str(src))
@@ -114,11 +121,13 @@ def test_disagreeing_import_is_refused_and_writes_nothing(tiny_ggufs, tmp_path):
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: import-gguf refused") and "limit 1%" in line and "Traceback" not in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".import-*"))
+    request.node.user_properties.append(("arch_cell_status", "supported"))
 
 
-def test_gguf_target_from_an_import_reuses_the_source_tokenizer(tiny_ggufs, tmp_path):
+def test_gguf_target_from_an_import_reuses_the_source_tokenizer(tiny_ggufs, tmp_path, request):
     import gguf
 
+    request.node.user_properties.append(("arch_cell", {"arch": "qwen3", **IMPORT_CELL}))
     root, src = tiny_ggufs["qwen3"]
     imported = tmp_path / "imported"
     r = run_cli("model", "import-gguf", str(src), str(imported))
@@ -142,3 +151,4 @@ def test_gguf_target_from_an_import_reuses_the_source_tokenizer(tiny_ggufs, tmp_
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
                 "tokenizer.ggml.eos_token_id"):
         assert a.fields[key].contents() == b.fields[key].contents(), key
+    request.node.user_properties.append(("arch_cell_status", "supported"))

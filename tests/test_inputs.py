@@ -102,7 +102,7 @@ def test_subprocess_contract(tmp_path, case):
     """The exit code and stderr as a user's shell sees them (a handful: the in-process tests cover the rest)."""
     f = _write(tmp_path, case, CASES[case][0])
     t0 = time.perf_counter()
-    r = run_cli("recipe", "validate", str(f))
+    r = run_cli("recipe", "validate", str(f), fresh=True)
     wall = time.perf_counter() - t0
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
     print(f"{case}: exit 2 in {wall:.2f} s (process start included)")
@@ -127,7 +127,7 @@ def test_bad_cli_arguments_are_one_line_exit_2(args, expect, tmp_path):
 
 
 def test_bad_cli_argument_in_a_real_process():
-    r = run_cli("plan", "x", "--batch", "-3")
+    r = run_cli("plan", "x", "--batch", "-3", fresh=True)
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
 
 

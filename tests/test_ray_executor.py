@@ -99,6 +99,7 @@ def test_unknown_executor_is_one_line(tiny_llama, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "ray[:ADDRESS]" in r.stderr
 
 
+@pytest.mark.slow  # the local Ray cluster and its workers, as above
 def test_worker_with_other_library_versions_refuses_in_one_line(tiny_llama, tmp_path, ray_cluster):
     """The driver plans under compressed-tensors 0.0.1 (a distribution record only it sees, first on its path);
     the workers have the real one: each refuses to build, and nothing is published under the wrong key."""

@@ -172,6 +172,7 @@ def _real_converter() -> Path:
         pytest.skip(f"llama.cpp converter not installed ({e.one_line()})")
 
 
+@pytest.mark.slow  # llama.cpp's real converter in fresh processes (it imports torch and transformers)
 def test_real_converter_runs_remote_code_unguarded_and_is_refused_under_quantkit(qwen_like, sentinel, tmp_path):
     """--vocab-only: the tokenizer step of llama.cpp's real converter, where the hard-coded flag sits."""
     from quantkit.toolchain.llama_cpp import convert_env
@@ -189,6 +190,7 @@ def test_real_converter_runs_remote_code_unguarded_and_is_refused_under_quantkit
     assert sentinel.exists()
 
 
+@pytest.mark.slow  # llama.cpp's real converter in fresh processes (it imports torch and transformers)
 def test_gguf_convert_fails_in_one_line_when_the_model_needs_remote_code(qwen_like, sentinel, tmp_path,
                                                                           monkeypatch):
     """gguf.convert as a build runs it (the real converter, here stopped after its tokenizer step)."""

@@ -21,6 +21,13 @@ CPU_HOST = Host(cuda_devices=0, gpu_name=None, gpu_bytes=0, host_available=32 * 
 GPU_HOST = Host(cuda_devices=2, gpu_name="NVIDIA H200", gpu_bytes=141 * GB, host_available=128 * GB)
 
 
+@pytest.fixture(autouse=True)
+def dummy_tokenizer(tiny_llama, monkeypatch):
+    """Dummy weights take their tokenizer from QUANTKIT_DEMO_MODEL (else the demo model's): the tiny one here, so
+    these tests need no `make model` (`make check` on a fresh clone); subprocesses inherit the variable."""
+    monkeypatch.setenv("QUANTKIT_DEMO_MODEL", str(tiny_llama))
+
+
 def spec(**kw) -> ModelSpec:
     return ModelSpec(source="org/model", revision="x", **kw)
 
@@ -155,6 +162,7 @@ def test_disk_offload_builds_a_calibrated_target(tmp_path):
 
 # ---------------------------------------------------------------- several processes (gloo on the CPU)
 
+@pytest.mark.slow  # two GPTQ builds, one of them launching two rank processes that each import torch
 def test_two_ranks_give_the_one_process_result(tmp_path):
     """`quantkit build` with model.gpus: 2 (quantkit's launcher, 2 ranks of llm-compressor's distributed
     oneshot; gloo CPU processes stand in for the GPUs) against model.gpus: 1 (one process, no
@@ -230,6 +238,7 @@ def _peak(recipe: Path) -> dict:
     return rec
 
 
+@pytest.mark.slow  # two builds in fresh processes, one of them GPTQ on a ~150 MB model
 def test_peak_rss_of_a_three_target_build_is_one_copy_of_the_model(tmp_path):
     """Peak RSS (VmHWM) of a build of 3 targets (model-free FP8 and W8A16, GPTQ W4) on a ~150 MB fp32 model,
     above the same build on a ~0 MB model (interpreter, torch, transformers, llm-compressor: the fixed

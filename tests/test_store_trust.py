@@ -159,6 +159,7 @@ def test_eval_records_are_append_only_newest_wins(store_uri, tmp_path):
 
 
 # -- kill -9 during publish ------------------------------------------------------------------------------------
+@pytest.mark.slow  # two real builds per case (the killed one and the rerun), each a fresh process importing torch
 @pytest.mark.parametrize("backend,point", [("local", "blob:2"), ("s3", "manifest:2")])
 def test_publish_killed_by_sigkill_leaves_no_entry(backend, point, tiny_llama, tmp_path, request):
     """SIGKILL injected from outside quantkit (tests/fault_inject.py wraps the store's writer) in the middle of

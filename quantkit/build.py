@@ -34,7 +34,8 @@ from quantkit.recipe.loader import LoadedRecipe
 from quantkit.sources.resolve import resolve_source
 from quantkit.store.manifest import merge
 from quantkit.store.store import Store
-from quantkit.util import StagePeak, host_info, library_versions, peak_rss_mb, release_memory, sha256_json
+from quantkit.util import (StagePeak, current_rss_mb, host_info, library_versions, peak_rss_mb, release_memory,
+                           sha256_json)
 
 
 @dataclass
@@ -107,11 +108,12 @@ def _plans(ctx: BuildContext, only: list[str] | None) -> list[Plan]:
 def _stage(result: BuildResult, name: str):
     """Time one stage and sample its peak RSS; the records feed scripts/bench_build.py and --json. CPU seconds
     (this process's threads plus finished child tools) say what the stage costs on a shared, loaded host."""
-    t0, c0 = time.perf_counter(), _cpu_s()
+    t0, c0, r0 = time.perf_counter(), _cpu_s(), current_rss_mb()
     with StagePeak() as peak:
         yield
     result.stages.append({"stage": name, "wall_s": round(time.perf_counter() - t0, 2),
-                          "cpu_s": round(_cpu_s() - c0, 2), "peak_rss_mb": round(peak.peak, 1)})
+                          "cpu_s": round(_cpu_s() - c0, 2), "peak_rss_mb": round(peak.peak, 1),
+                          "rss_start_mb": round(r0, 1), "rss_end_mb": round(current_rss_mb(), 1)})
 
 
 def _cpu_s() -> float:
@@ -227,6 +229,7 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
     ctx.devices = {}
     with _stage(result, f"{opts.name}: produce"):
         produced = fmt.produce(ctx, opts, staging)
+        release_memory()  # the quantizer's model (held in reference cycles) goes before evaluation loads one
     build_s = time.perf_counter() - t0
     console.print(f"  produced in {build_s:.1f} s")
     for stage, where in ctx.devices.items():

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantkit.evaluation.engines import register_engine
+from quantkit.evaluation.latency import device_label, speed_record
 from quantkit.evaluation.kernels.choices import kernel_set, load_gemlite_config
 from quantkit.evaluation.kernels.weights import NotServed, QuantWeight, read_artifact
 from quantkit.util import library_versions
@@ -180,20 +181,12 @@ class TorchCompiledEngine:
             kernels_by_batch[str(b)] = h.used
             h.model.drop_cache()
         peak = torch.cuda.max_memory_allocated() / 2**20 if h.device == "cuda" else None
-        return {**self.describe(h), "engine": ENGINE, "serving_engine": False, "batches": results,
-                "kernels_by_batch": kernels_by_batch, "peak_memory_mb": peak and round(peak, 1),
-                "peak_memory_kind": "cuda allocated" if peak else None,
-                "method": "regional torch.compile + one CUDA graph per decode step" if h.compiled else "eager",
-                "prompt_len": spec.prompt_len, "gen_len": spec.gen_len, "repetitions": spec.repetitions,
-                "warmup": spec.warmup}
+        method = "regional torch.compile + one CUDA graph per decode step" if h.compiled else "eager"
+        return speed_record(self.describe(h), results, spec, peak, "cuda allocated",
+                            kernels_by_batch=kernels_by_batch, method=method)
 
     def describe(self, handle: Handle) -> dict:
-        import torch
-
-        dev = handle.device
-        if dev == "cuda":
-            dev = f"cuda:{torch.cuda.get_device_name(0)}"
-        return {"engine": ENGINE, "device": dev, "host": socket.gethostname(),
+        return {"engine": ENGINE, "device": device_label(handle.device), "host": socket.gethostname(),
                 "dtype": str(handle.dtype).removeprefix("torch."), "layout": handle.layout,
                 "kernels": handle.used, "kernel_versions": _kernel_versions(), "versions": library_versions()}
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantkit.evaluation.engines import register_engine
-from quantkit.evaluation.latency import ttft_summary
+from quantkit.evaluation.latency import device_label, speed_record, ttft_summary
 from quantkit.util import library_versions
 
 
@@ -118,17 +118,12 @@ class TransformersEngine:
                 results[str(b)] = {"prefill_tok_s": round(statistics.median(prefill), 1),
                                    "decode_tok_s": round(statistics.median(decode), 2), **ttft_summary(ttft)}
         peak = (torch.cuda.max_memory_allocated() / 2**20) if dev == "cuda" else rss.peak
-        return {**self.describe(handle), "engine": "transformers-eager", "serving_engine": False,
-                "batches": results,
-                "peak_memory_mb": round(peak, 1), "peak_memory_kind": "cuda allocated" if dev == "cuda" else "rss",
-                "prompt_len": spec.prompt_len, "gen_len": spec.gen_len, "repetitions": spec.repetitions,
-                "warmup": spec.warmup}
+        return speed_record({**self.describe(handle), "engine": "transformers-eager"}, results, spec, peak,
+                            "cuda allocated" if dev == "cuda" else "rss")
 
     def describe(self, handle: Loaded) -> dict:
         import torch
 
-        dev = handle.device
-        if dev == "cuda":
-            dev = f"cuda:{torch.cuda.get_device_name(0)}"
-        return {"engine": "transformers", "device": dev, "dtype": handle.dtype, "threads": torch.get_num_threads(),
+        return {"engine": "transformers", "device": device_label(handle.device), "dtype": handle.dtype,
+                "threads": torch.get_num_threads(),
                 "versions": library_versions()}

@@ -26,11 +26,11 @@ from safetensors import safe_open
 from quantkit.formats.layouts.compressed_tensors import (
     CTLayer,
     check_fp16_scale,
-    load_config,
     quantization_config,
     rewrite_checkpoint,
     scale_cast_error,
     shard_files,
+    write_config,
 )
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of a word holds column AWQ_ORDER[i] of its 8-column block
@@ -116,11 +116,7 @@ def write_awq_gemm(ct_dir: str | Path, out_dir: str | Path, *, other_dtype: torc
         "version": "gemm",
         "modules_to_not_convert": _modules_to_not_convert(qc.get("ignore"), names, other_keys),
     }
-    config = load_config(ct_dir)
-    config["quantization_config"] = qcfg
-    if other_dtype == torch.float16:
-        config["torch_dtype"] = config["dtype"] = "float16"
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_config(ct_dir, out_dir, qcfg, other_dtype)
     return {"out_dir": str(out_dir), "layers": names, "quantization_config": qcfg, **stats}
 
 

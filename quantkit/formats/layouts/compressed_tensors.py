@@ -81,6 +81,16 @@ def load_config(ct_dir: str | Path) -> dict:
     return json.loads((Path(ct_dir) / "config.json").read_text())
 
 
+def write_config(ct_dir: str | Path, out_dir: Path, qcfg: dict, other_dtype) -> None:
+    """The source's config.json with the export's `quantization_config`; fp16 when the export stores its
+    unquantized tensors in fp16 (the classic GPTQ/AWQ kernels' dtype)."""
+    config = load_config(ct_dir)
+    config["quantization_config"] = qcfg
+    if other_dtype == torch.float16:
+        config["torch_dtype"] = config["dtype"] = "float16"
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def quantization_config(ct_dir: str | Path) -> dict:
     qc = load_config(ct_dir).get("quantization_config")
     if not qc or qc.get("quant_method") != "compressed-tensors":

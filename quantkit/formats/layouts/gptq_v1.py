@@ -27,11 +27,11 @@ from safetensors import safe_open
 from quantkit.formats.layouts.compressed_tensors import (
     CTLayer,
     check_fp16_scale,
-    load_config,
     quantization_config,
     rewrite_checkpoint,
     scale_cast_error,
     shard_files,
+    write_config,
 )
 
 GPTQ_BITS = (2, 4, 8)
@@ -154,11 +154,7 @@ def write_gptq_v1(
                  "source_ignore": quantization_config(ct_dir).get("ignore")},
     }
     (out_dir / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
-    config = load_config(ct_dir)
-    config["quantization_config"] = qcfg
-    if other_dtype == torch.float16:
-        config["torch_dtype"] = config["dtype"] = "float16"
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_config(ct_dir, out_dir, qcfg, other_dtype)
     return {"out_dir": str(out_dir), "layers": names, "quantize_config": qcfg, **stats}
 
 

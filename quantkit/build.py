@@ -229,7 +229,6 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
     ctx.devices = {}
     with _stage(result, f"{opts.name}: produce"):
         produced = fmt.produce(ctx, opts, staging)
-        release_memory()  # the quantizer's model (held in reference cycles) goes before evaluation loads one
     build_s = time.perf_counter() - t0
     console.print(f"  produced in {build_s:.1f} s")
     for stage, where in ctx.devices.items():

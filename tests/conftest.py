@@ -15,6 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 DATA = Path(os.environ["QUANTKIT_DATA"])
+# `make test` runs pytest-xdist workers (-n 2 on CI's 2 cores): one math thread per worker (torch, and every
+# process it starts inherits it), so two workers do not fight over the cores with spinning OpenMP threads.
+# Set before anything imports torch; an explicit setting wins.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, _threads)
 SMOLLM2 = ROOT / "models" / "smollm2-135m-instruct"
 
 
@@ -32,6 +39,7 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None,
                           cwd=cwd or ROOT, env={**os.environ, **(env or {})})
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks added here
 def pytest_collection_modifyitems(config, items):
     """The marker rule (README, "Tests"): `slow` = needs the real model or a heavy quantization run; `make check`
     (-m "not slow") must stay under 3 minutes on 2 cores. A test whose fixtures reach `smollm2` (directly or
@@ -40,6 +48,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "smollm2" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    if getattr(config.option, "dist", "no") == "loadgroup":
+        _schedule_for_xdist(items)
+
+
+def _schedule_for_xdist(items: list) -> None:
+    """`make test` (pytest-xdist, --dist loadgroup --no-loadscope-reorder): a module's tests stay on one worker,
+    so module-scoped fixtures (a shared build, a converted GGUF) are made once, not once per worker; a module
+    may split itself further with its own xdist_group marks (one group per architecture, say). Work units are
+    handed out in collection order, so the groups with the most `slow` tests go first and the fast lane's
+    short ones fill in at the end, when the other worker is still busy."""
+    slow_in: dict[str, int] = {}
+    for item in items:
+        if not any(True for _ in item.iter_markers("xdist_group")):
+            module = getattr(item, "module", None)
+            item.add_marker(pytest.mark.xdist_group(module.__name__ if module else item.nodeid))
+        mark = next(item.iter_markers("xdist_group"))
+        group = mark.args[0] if mark.args else mark.kwargs.get("name", "default")
+        item._qk_group = group
+        slow_in[group] = slow_in.get(group, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow_in[item._qk_group])  # stable: collection order within a group
 
 
 @pytest.fixture(scope="session")
@@ -103,6 +131,33 @@ def make_tiny_llama(out: Path) -> Path:
     return out
 
 
+# A build calls gc.collect() after each target (quantkit/util.py release_memory); in this process a full
+# collection walks every object of torch, transformers and llm-compressor: ~0.4 CPU-s a call, a third of a tiny
+# build. Objects alive once a library is imported are moved out of the collector's sight (gc.freeze); garbage
+# made later, the builds' models included, is collected as before. Frozen only right after a full collection,
+# when many modules came in, so no garbage of a test is frozen with them.
+_frozen_at = 0
+
+
+def _freeze_imported() -> None:
+    global _frozen_at
+    if len(sys.modules) - _frozen_at > 200:
+        import gc
+
+        gc.collect()
+        gc.freeze()
+        _frozen_at = len(sys.modules)
+
+
+def pytest_collection_finish(session):
+    _freeze_imported()
+
+
+@pytest.hookimpl(trylast=True)  # after the test's own fixtures are torn down
+def pytest_runtest_teardown(item, nextitem):
+    _freeze_imported()
+
+
 # The architecture matrix (tests/test_arch_matrix.py): each cell test records {arch, format, engine} and its
 # status; the outcomes are written as JSON for scripts/arch_support_table.py (README's support table).
 _ARCH_CELLS: list[dict] = []
@@ -113,12 +168,13 @@ def pytest_runtest_logreport(report):
     if "arch_cell" not in props or (report.when != "call" and report.passed):
         return
     status = props.get("arch_cell_status", "failed") if report.passed else "failed"
-    _ARCH_CELLS.append({**props["arch_cell"], "test": report.nodeid, "status": status,
+    test = report.nodeid.split("@")[0] if report.nodeid.rfind("@") > report.nodeid.rfind("]") else report.nodeid
+    _ARCH_CELLS.append({**props["arch_cell"], "test": test, "status": status,
                         "outcome": report.outcome, "duration_s": round(report.duration, 2)})
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _ARCH_CELLS:
+    if _ARCH_CELLS and not hasattr(session.config, "workerinput"):  # under xdist the controller sees every cell
         import json
 
         out = Path(os.environ.get("QUANTKIT_ARCH_MATRIX_JSON", ROOT / ".pytest_cache" / "arch-matrix.json"))

@@ -36,7 +36,7 @@ def test_bf16_variants_agree_within_rounding():
     pos = torch.tensor([50])
     ref = decode_attention("matmul", q.float(), k.float(), v.float(), pos, decode_mask(pos, 64))
     for variant in VARIANTS:
-        got = decode_attention(variant, q, k, v, pos, decode_mask(pos, 64)).float()
+        got = decode_attention(variant, q, k, v, pos, decode_mask(pos, 64, torch.bfloat16)).float()
         assert float((got - ref).norm() / ref.norm()) < 1e-2, variant
 
 

@@ -136,10 +136,16 @@ class TorchCompiledEngine:
         return h
 
     def compile(self, h: Handle) -> None:
-        """Regional compilation: the decoder layers share one compiled graph per input shape."""
+        """Regional compilation: the decoder layers share one compiled graph per input shape. Inductor settings
+        from the kernel table ("compile", e.g. coordinate_descent_tuning) apply to the whole process."""
         import torch._dynamo
+        import torch._inductor.config as inductor_config
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for key, value in h.kernels.get("compile", {}).items():
+            if not hasattr(inductor_config, key):
+                raise ValueError(f"kernel table: unknown torch._inductor.config setting {key!r}")
+            setattr(inductor_config, key, value)
         for layer in h.model.model.layers:
             layer.compile(dynamic=False, fullgraph=True)
         h.compiled = True

@@ -7,18 +7,18 @@ run 3's profile (docs/benchmarks/h200/) showed the grouped batched matmul costin
 
 - "matmul": the query heads of one KV head as rows of a batched matmul, mask, fp32 softmax, matmul (the
   reference: the engine's original path);
-- "matmul-bias": the same with the scores in fp32 from the start and the per-step mask as an additive bias;
-- "sdpa-gqa": `F.scaled_dot_product_attention(..., attn_mask=bool mask, enable_gqa=True)` (torch's dispatcher
+- "matmul-bias": the same with both products in fp32 (no bf16 rounding of the scores);
+- "sdpa-gqa": `F.scaled_dot_product_attention(..., attn_mask=mask, enable_gqa=True)` (torch's dispatcher
   picks the backend);
 - "sdpa-grouped": SDPA with the query heads of a KV head folded into the query length (no GQA expansion, any
   backend that takes a mask);
-- "sdpa-repeat": gpt-fast's pattern: K/V repeated to every query head, SDPA with the bool mask;
+- "sdpa-repeat": gpt-fast's pattern: K/V repeated to every query head, SDPA with the mask;
 - "flex": `flex_attention` with a score_mod that masks keys after the position (under torch.compile this is
   its split-KV decoding kernel; eagerly, torch's unfused reference);
 - "reduce": the two products as elementwise multiply + sum, left to inductor to fuse with the softmax.
 All take q (b, heads, 1, d), the caches (b, kv_heads, L, d), the positions `pos` (the last is the query's) and
-`mask` (1, 1, 1, L) bool, True for keys at or before it (computed once per step by the decoder), and return
-(b, heads, 1, d) in q's dtype.
+`mask` (1, 1, 1, L), additive in q's dtype: 0 for keys at or before it, -inf after (computed once per step by
+the decoder, so that no layer converts a bool mask again), and return (b, heads, 1, d) in q's dtype.
 """
 from __future__ import annotations
 
@@ -28,28 +28,27 @@ import torch.nn.functional as F
 DEFAULT = "matmul"
 
 
-def decode_mask(pos: torch.Tensor, length: int) -> torch.Tensor:
-    """(1, 1, 1, length) bool: the keys a query at position pos[-1] attends to."""
-    return (torch.arange(length, device=pos.device) <= pos[-1]).view(1, 1, 1, length)
+def decode_mask(pos: torch.Tensor, length: int, dtype=torch.float32) -> torch.Tensor:
+    """(1, 1, 1, length) additive mask: 0 for the keys a query at position pos[-1] attends to, -inf after."""
+    keys = torch.arange(length, device=pos.device).view(1, 1, 1, length)
+    return torch.zeros((), dtype=dtype, device=pos.device).masked_fill(keys > pos[-1], float("-inf"))
 
 
 def _grouped(q, n_kv):
     b, h, _, d = q.shape
-    return q.view(b, n_kv, h // n_kv, d)
+    return q.reshape(b, n_kv, h // n_kv, d)
 
 
 def matmul(q, k, v, pos, mask):
     b, h, _, d = q.shape
-    scores = (_grouped(q, k.shape[1]) @ k.transpose(-1, -2)).float() * d ** -0.5
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(-1).to(v.dtype) @ v).view(b, h, 1, d)
+    scores = (_grouped(q, k.shape[1]) @ k.transpose(-1, -2)).float() * d ** -0.5 + mask.float()
+    return (scores.softmax(-1).to(v.dtype) @ v).reshape(b, h, 1, d)
 
 
 def matmul_bias(q, k, v, pos, mask):
     b, h, _, d = q.shape
-    bias = torch.zeros(mask.shape, dtype=torch.float32, device=q.device).masked_fill(~mask, float("-inf"))
-    scores = torch.matmul(_grouped(q, k.shape[1]).float() * d ** -0.5, k.transpose(-1, -2).float()) + bias
-    return (scores.softmax(-1) @ v.float()).to(q.dtype).view(b, h, 1, d)
+    scores = torch.matmul(_grouped(q, k.shape[1]).float() * d ** -0.5, k.transpose(-1, -2).float()) + mask.float()
+    return (scores.softmax(-1) @ v.float()).to(q.dtype).reshape(b, h, 1, d)
 
 
 def sdpa_gqa(q, k, v, pos, mask):
@@ -58,7 +57,7 @@ def sdpa_gqa(q, k, v, pos, mask):
 
 def sdpa_grouped(q, k, v, pos, mask):
     b, h, _, d = q.shape
-    return F.scaled_dot_product_attention(_grouped(q, k.shape[1]), k, v, attn_mask=mask).view(b, h, 1, d)
+    return F.scaled_dot_product_attention(_grouped(q, k.shape[1]), k, v, attn_mask=mask).reshape(b, h, 1, d)
 
 
 def sdpa_repeat(q, k, v, pos, mask):
@@ -81,8 +80,8 @@ def reduce(q, k, v, pos, mask):
     b, h, _, d = q.shape
     qg = _grouped(q, k.shape[1]).float() * d ** -0.5                    # (b, kv, g, d)
     scores = (qg.unsqueeze(-2) * k.unsqueeze(2).float()).sum(-1)         # (b, kv, g, L)
-    p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    return (p.unsqueeze(-1) * v.unsqueeze(2).float()).sum(-2).to(q.dtype).view(b, h, 1, d)
+    p = (scores + mask.float()).softmax(-1)
+    return (p.unsqueeze(-1) * v.unsqueeze(2).float()).sum(-2).to(q.dtype).reshape(b, h, 1, d)
 
 
 VARIANTS = {"matmul": matmul, "matmul-bias": matmul_bias, "sdpa-gqa": sdpa_gqa, "sdpa-grouped": sdpa_grouped,

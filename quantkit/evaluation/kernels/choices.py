@@ -67,6 +67,8 @@ def choose(per_gpu: dict, batch_size: int) -> dict:
     for kind, by_batch in per_gpu.items():
         if kind == "fuse":
             out["fuse"] = list(by_batch)
+        elif kind == "compile":  # torch._inductor.config settings the engine compiles with (measured to help)
+            out["compile"] = dict(by_batch)
         elif kind in BY_TOKENS:
             out[kind] = dict(by_batch)
         else:

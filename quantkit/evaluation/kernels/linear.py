@@ -183,11 +183,13 @@ class Int4Linear(nn.Module):
 
     def _fused_dequant(self, x):
         """y = x W^T with W = (q - z) s, written as one multiply-sum that inductor compiles into a single
-        reduction over the packed weight (what gpt-fast relies on for int8 weight-only); for a few rows only."""
+        reduction over the packed bytes (as gpt-fast's int8 weight-only relies on): each byte's two nibbles
+        meet the even and odd inputs, so the weight is read once, a byte per two products. For a few rows only."""
         n, ng = self.g_scale.shape
-        q = torch.stack([self.nibbles & 15, self.nibbles >> 4], -1).view(n, ng, -1)
-        w = (q.float() - self.g_zero.float().unsqueeze(-1)) * self.g_scale.float().unsqueeze(-1)
-        return (x.float().view(x.shape[0], 1, ng, -1) * w.unsqueeze(0)).sum((-1, -2))
+        nib = self.nibbles.view(n, ng, -1)                                   # (n, groups, g/2)
+        z, s = self.g_zero.float().unsqueeze(-1), self.g_scale.float().unsqueeze(-1)
+        xe, xo = x.float().view(x.shape[0], 1, ng, -1, 2).unbind(-1)         # (m, 1, groups, g/2) each
+        return ((xe * ((nib & 15).float() - z) + xo * ((nib >> 4).float() - z)) * s).sum((-1, -2))
 
     def forward(self, x):
         shape = x.shape

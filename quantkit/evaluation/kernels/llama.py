@@ -155,7 +155,7 @@ class Decoder(nn.Module):
         x = self.model.embed_tokens(ids)
         cos, sin = self.rotary(x, pos.unsqueeze(0))
         cache = self.model.layers[0].self_attn.cache if len(self.model.layers) else None
-        mask = decode_mask(pos, cache.k.shape[2]) if cache is not None and ids.shape[1] == 1 else None
+        mask = decode_mask(pos, cache.k.shape[2], cache.k.dtype) if cache is not None and ids.shape[1] == 1 else None
         for layer in self.model.layers:
             x = layer(x, cos, sin, pos, mask)
         if last_only:

@@ -7,8 +7,8 @@
    against the fp32 reference and the floor (K/V bytes / measured copy bandwidth).
 2. W4 GEMV at 1 token: one decoder layer's four (fused) linears, 32 times per step over 4 distinct weight
    copies (beyond L2), for every int4 kernel of kernels/linear.py: tinygemm with 8/4/2 inner K tiles, gemlite's
-   GEMV_REVSPLITK / GEMV_SPLITK / GEMV (group 128 and 64), the inductor-fused dequant (also with inductor's
-   coordinate-descent tuning), and bf16 cuBLAS.
+   GEMV_REVSPLITK / GEMV_SPLITK / GEMV (group 128 and 64), the inductor-fused dequant over bytes and over
+   int32 words (each also with inductor's coordinate-descent tuning), and bf16 cuBLAS.
 Then it writes $OUT/choices.json: the committed kernel table with the fastest measured attention per batch and
 the fastest int4 kernel at 1 token (group 128, error < 2 %), for the engine run that follows
 (`QUANTKIT_KERNEL_CHOICES=$OUT/choices.json scripts/bench_engine_gpu.py ...`) and for data/choices.json.
@@ -36,9 +36,10 @@ TINY = {"heads": 8, "kv": 2, "head_dim": 64, "linears": {"qkv": (384, 256), "o":
 # "+cdt": compiled with inductor's coordinate-descent tuning of its kernel configs (what gpt-fast turns on).
 # CORE first; EXTRA (gemlite kernels its shipped H200 cache does not cover: they autotune, ~minutes) only
 # while the time budget lasts.
-INT4_CORE = [("tinygemm", 128), ("tinygemm-k4", 128), ("tinygemm-k2", 128), ("inductor", 128),
-             ("inductor+cdt", 128), ("gemlite", 128)]
-INT4_EXTRA = [("inductor", 64), ("gemlite", 64), ("gemlite-GEMV_SPLITK", 128), ("gemlite-GEMV", 128),
+INT4_CORE = [("tinygemm", 128), ("tinygemm-k4", 128), ("inductor+cdt", 128), ("inductor-i32", 128),
+             ("inductor-i32+cdt", 128), ("gemlite", 128)]
+INT4_EXTRA = [("tinygemm-k2", 128), ("inductor", 128), ("inductor-i32+cdt", 64), ("gemlite", 64),
+              ("gemlite-GEMV_SPLITK", 128), ("gemlite-GEMV", 128),
               ("gemlite-GEMV_SPLITK", 64), ("gemlite-GEMV", 64)]
 
 
@@ -262,7 +263,7 @@ def main() -> None:
     ap.add_argument("--no-gemv", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--budget-s", type=float, default=110, help="later measurements are skipped past this")
+    ap.add_argument("--budget-s", type=float, default=120, help="later measurements are skipped past this")
     ap.add_argument("--out", default="")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes, no compile or CUDA graph (CPU check)")
     args = ap.parse_args()

@@ -58,14 +58,14 @@ def test_engine_decode_step_equals_prefill(tiny_llama, variant):
 
 
 def test_int4_decode_kernels_equal_the_dequantized_weights():
-    """tinygemm with 2/4/8 inner K tiles (torch's CPU build) and the inductor-fused dequant path, one token
-    and a few, against x @ W^T with W dequantized in fp32."""
+    """tinygemm with 2/4/8 inner K tiles (torch's CPU build) and the inductor-fused dequant paths (bytes and
+    int32 words, whose top nibble sets the sign bit), one token and a few, against x @ W^T, W dequantized in fp32."""
     g = torch.Generator().manual_seed(3)
     n, k, gs = 96, 256, 64
     qw = QuantWeight("int4", q=torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
                      scale=torch.rand(n, k // gs, generator=g) * 0.02 + 0.001,
                      zero=torch.randint(0, 16, (n, k // gs), generator=g).float(), group_size=gs)
-    for kernel in ("tinygemm", "tinygemm-k4", "tinygemm-k2", "inductor"):
+    for kernel in ("tinygemm", "tinygemm-k4", "tinygemm-k2", "inductor", "inductor-i32"):
         m = Int4Linear(qw, "cpu", torch.bfloat16, kernel)
         for rows in (1, 3):
             x = torch.randn(rows, k, generator=g)

@@ -8,9 +8,9 @@ anywhere and computes the same function; the kernels come from maintained librar
 - int8: gemlite `A8W8_int8_dynamic` (Triton; per-token activation quantization inside gemlite).
 - int4: gemlite `A16W4_HQQ_INT` (any group size, zero points; "gemlite-<TYPE>" pins one of its kernels, e.g.
   GEMV_SPLITK, instead of its own pick by rows), torch's tinygemm `_weight_int4pack_mm` (groups 32..256, zero
-  point folded into a float offset; "tinygemm-k4"/"-k2": 4 or 2 inner K tiles instead of 8), or "inductor":
-  the dequantize-multiply-sum written out for torch.compile to fuse into one reduction kernel over the packed
-  nibbles (decode only). `Int4Linear.kernel` says which.
+  point folded into a float offset; "tinygemm-k4"/"-k2": 4 or 2 inner K tiles instead of 8), or "inductor" /
+  "inductor-i32": the dequantize-multiply-sum written out for torch.compile to fuse into one reduction kernel
+  over the packed nibbles, 2 per byte or 8 per int32 word (decode only). `Int4Linear.kernel` says which.
 - dense: `torch.nn.Linear`.
 Activation quantization formulas are shared by the kernel and reference paths, so their difference is only
 the GEMM's arithmetic.
@@ -145,7 +145,7 @@ class Int4Linear(nn.Module):
             self.kernel = "/".join(f"{k}@{t}" for t, k in sorted(self.by_tokens.items())) \
                 if len(self.by_tokens) > 1 else self.by_tokens[1]
         kernels = set(self.by_tokens.values())
-        known = {"reference", "gemlite", "dequant", "inductor"}
+        known = {"reference", "gemlite", "dequant", "inductor", "inductor-i32"}
         if unknown := {k for k in kernels - known if not k.startswith(("tinygemm", "gemlite-"))}:
             raise ValueError(f"unknown int4 kernel {sorted(unknown)}")
         if kernels & {"reference", "dequant"}:
@@ -153,8 +153,13 @@ class Int4Linear(nn.Module):
             fdt = torch.float32 if "reference" in kernels else dtype
             self.register_buffer("scale", qw.scale.to(device, fdt))
             self.register_buffer("zero", qw.zero.to(device, fdt))
-        if "inductor" in kernels:  # two nibbles per byte along K (low = even k), groups' scale and zero
+        if "inductor" in kernels:  # two nibbles per byte along K (low = even k)
             self.register_buffer("nibbles", (q[:, 1::2] << 4 | q[:, ::2]).to(torch.uint8))
+        if "inductor-i32" in kernels:  # eight per int32 word along K, nibble j = k % 8 at bits 4j
+            shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
+            words = (q.view(q.shape[0], -1, 8).to(torch.int64) << shifts).sum(-1)
+            self.register_buffer("words", (words - (words >= 2**31).long() * 2**32).to(torch.int32))
+        if kernels & {"inductor", "inductor-i32"}:  # the groups' scale and zero point
             self.register_buffer("g_scale", qw.scale.to(device, dtype))
             self.register_buffer("g_zero", qw.zero.to(device, dtype))
         if any(k.startswith("gemlite") for k in kernels):
@@ -181,15 +186,17 @@ class Int4Linear(nn.Module):
                 kernel = self.by_tokens[t]
         return kernel
 
-    def _fused_dequant(self, x):
+    def _fused_dequant(self, x, words: bool):
         """y = x W^T with W = (q - z) s, written as one multiply-sum that inductor compiles into a single
-        reduction over the packed bytes (as gpt-fast's int8 weight-only relies on): each byte's two nibbles
-        meet the even and odd inputs, so the weight is read once, a byte per two products. For a few rows only."""
+        reduction over the packed weight (as gpt-fast's int8 weight-only relies on): each byte (word) is read
+        once and its nibbles meet the inputs they multiply. For a few rows only (no tensor cores)."""
         n, ng = self.g_scale.shape
-        nib = self.nibbles.view(n, ng, -1)                                   # (n, groups, g/2)
         z, s = self.g_zero.float().unsqueeze(-1), self.g_scale.float().unsqueeze(-1)
-        xe, xo = x.float().view(x.shape[0], 1, ng, -1, 2).unbind(-1)         # (m, 1, groups, g/2) each
-        return ((xe * ((nib & 15).float() - z) + xo * ((nib >> 4).float() - z)) * s).sum((-1, -2))
+        per = 8 if words else 2
+        packed = (self.words if words else self.nibbles).view(n, ng, -1)     # (n, groups, g / per)
+        xs = x.float().view(x.shape[0], 1, ng, -1, per).unbind(-1)           # per x (m, 1, groups, g / per)
+        acc = sum(xs[j] * (((packed >> (4 * j)) & 15).float() - z) for j in range(per))
+        return (acc * s).sum((-1, -2))
 
     def forward(self, x):
         shape = x.shape
@@ -206,8 +213,8 @@ class Int4Linear(nn.Module):
         elif kernel.startswith("tinygemm"):
             mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
             y = mm(x.to(self.dtype), getattr(self, f"packed{tinygemm_tiles(kernel)}"), self.group_size, self.sz)
-        elif kernel == "inductor":
-            y = self._fused_dequant(x)
+        elif kernel.startswith("inductor"):
+            y = self._fused_dequant(x, words=kernel == "inductor-i32")
         elif kernel == "dequant":
             gs = self.group_size
             w = (self.q.to(self.dtype) - self.zero.repeat_interleave(gs, 1)) * self.scale.repeat_interleave(gs, 1)

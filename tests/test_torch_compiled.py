@@ -161,7 +161,7 @@ def test_throughput_on_cpu_records_engine_device_host_kernels(built):
     spec = SimpleNamespace(prompt_len=8, gen_len=4, batch_sizes=[1, 2], repetitions=1, warmup=1, threads=None)
     r = engine.throughput(engine.load(path), spec)
     assert r["engine"] == "torch-compiled" and r["device"] == "cpu" and r["host"] and r["method"] == "eager"
-    assert r["kernels"] == {"Int4Linear": ["reference"], "dense": ["reference"],
+    assert r["kernels"] == {"Int4Linear": ["reference"], "dense": ["reference"], "attention": ["matmul"],
                             "fused": ["mlp.gate_up_proj", "self_attn.qkv_proj"]}
     assert "torch" in r["kernel_versions"] and set(r["batches"]) == {"1", "2"}
     assert all(b["decode_tok_s"] > 0 and b["prefill_tok_s"] > 0 for b in r["batches"].values())

@@ -13,6 +13,8 @@ batch 1 only, to show what each choice is worth; `--profile` adds where a batch-
   python scripts/bench_engine_gpu.py --layers 32 --out $OUT [--only bf16,fp8-dynamic] [--save-gemlite FILE]
       [--profile bf16,fp8-static] [--keep-dense DIR]
   python scripts/bench_engine_gpu.py --tiny --layers 2 --prompt 32 --gen 4 --batches 1,2   # CPU dry run
+The kernel table is quantkit/evaluation/kernels/data/choices.json, or the file $QUANTKIT_KERNEL_CHOICES names
+(e.g. the one scripts/bench_decode_attention.py writes from its measurements).
 """
 from __future__ import annotations
 
@@ -236,6 +238,8 @@ def main() -> None:
                     "for the GGUF conversion")
     ap.add_argument("--tokenizer", default="models/smollm2-135m-instruct")
     ap.add_argument("--tiny", action="store_true", help="small dims (a CPU dry run of the script)")
+    ap.add_argument("--no-check", action="store_true", help="skip the per-linear check against the reference "
+                    "path (a timing-only re-run of kernels already checked)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     from quantkit.evaluation.engines import get_engine
@@ -288,7 +292,7 @@ def main() -> None:
             t1 = time.perf_counter()
             h = engine.load(path, ".", kernels=kernels, compile=False)
             rec["load_s"] = round(time.perf_counter() - t1, 1)
-            rec["check"] = check(engine, h, path) if kind != "bf16" else {"linears": 0}
+            rec["check"] = check(engine, h, path) if kind != "bf16" and not args.no_check else {"linears": 0}
             if DEV == "cuda":
                 engine.compile(h)
             tp = engine.throughput(h, spec)

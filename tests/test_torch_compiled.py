@@ -161,7 +161,7 @@ def test_throughput_on_cpu_records_engine_device_host_kernels(built):
     spec = SimpleNamespace(prompt_len=8, gen_len=4, batch_sizes=[1, 2], repetitions=1, warmup=1, threads=None)
     r = engine.throughput(engine.load(path), spec)
     assert r["engine"] == "torch-compiled" and r["device"] == "cpu" and r["host"] and r["method"] == "eager"
-    assert r["kernels"] == {"Int4Linear": ["reference"], "dense": ["reference"],
+    assert r["kernels"] == {"Int4Linear": ["reference"], "dense": ["reference"], "attention": ["matmul"],
                             "fused": ["mlp.gate_up_proj", "self_attn.qkv_proj"]}
     assert "torch" in r["kernel_versions"] and set(r["batches"]) == {"1", "2"}
     assert all(b["decode_tok_s"] > 0 and b["prefill_tok_s"] > 0 for b in r["batches"].values())
@@ -192,7 +192,8 @@ def test_kernel_choice_follows_the_measured_table():
     assert choose(h200, 64)["fp8"] == "scaled_mm-epilogue" and choose({}, 1)["int8"] == "gemlite"
     assert choose(h200, 1)["fuse"] == h200["fuse"] and "int8" not in choose({}, 1)["fuse"]
     cpu = kernel_set("cpu", 64)
-    assert {k: v for k, v in cpu.items() if k != "fuse"} == CPU and set(CPU.values()) == {"reference"}
+    assert {k: v for k, v in cpu.items() if k != "fuse"} == CPU
+    assert set(CPU.values()) == {"reference", "matmul"} and CPU["attention"] == "matmul"  # the reference paths
 
 
 def _manifest(target, fmt, engine, device, decode, host="h1", key="k"):

@@ -16,6 +16,7 @@ what reached it; an expert that saw nothing stops the build.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 from pathlib import Path
@@ -89,7 +90,8 @@ def run_oneshot(ctx, modifiers: list, out_dir: Path, *, calibrate: bool) -> tupl
     if calibrate:
         kwargs = dict(ctx.oneshot_calibration_kwargs(), moe_calibrate_all_experts=True)
     try:
-        oneshot(model=model, recipe=modifiers, tokenizer=ctx.tokenizer, **kwargs)
+        with fx_wraps_released():
+            oneshot(model=model, recipe=modifiers, tokenizer=ctx.tokenizer, **kwargs)
     finally:
         for h in hooks:
             h.remove()
@@ -101,10 +103,33 @@ def run_oneshot(ctx, modifiers: list, out_dir: Path, *, calibrate: bool) -> tupl
     ctx.tokenizer.save_pretrained(out_dir)
     release_session()
     del model
-    # the modifiers' hooks and llm-compressor's caches hold the modules in reference cycles: without a collection
-    # now, this target's weights can outlive it into the next target's load (two copies at once)
+    # the modules hold themselves in reference cycles (offload and autowrap forwards bound to their module): without
+    # a collection now, this target's weights can outlive it into the next target's load (two copies at once)
     gc.collect()
     return _finish(ctx, out_dir), ({"expert_calibration": coverage} if coverage else {})
+
+
+@contextlib.contextmanager
+def fx_wraps_released():
+    """Unregister the torch.fx wraps that llm-compressor's sequential pipeline makes while tracing, on exit.
+
+    Why: the pipeline's `autowrap_forward` (llmcompressor/pipelines/sequential/ast_helpers.py) recompiles each
+    traced module's forward in a copy of its defining module's globals with `self` = the module, and that code
+    calls `torch.fx.wrap(...)`, which records the globals dict in torch.fx's module-level registry
+    `torch.fx._symbolic_trace._wrapped_fns_to_patch` for good (so do the traced subgraphs' generated code). The
+    chain `_wrapped_fns_to_patch[(id(ns), "wrapped_0")] -> ns -> ns["self"] -> LlamaModel -> ... -> Linear`
+    kept every calibrated target's whole model resident until the process ended (one fp32 copy per target).
+    torch has no call to unregister a wrap, so the entries this oneshot added (and only those) are dropped
+    once it has finished: its traced graph is not used again, and the next trace registers its own."""
+    from torch.fx import _symbolic_trace
+
+    registry = _symbolic_trace._wrapped_fns_to_patch
+    before = set(registry)
+    try:
+        yield
+    finally:
+        for key in set(registry) - before:
+            del registry[key]
 
 
 def release_session() -> None:

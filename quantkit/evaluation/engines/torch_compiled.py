@@ -95,7 +95,8 @@ class TorchCompiledEngine:
         if device == "cuda":
             load_gemlite_config()
         with torch.device("meta"):
-            model = Decoder(config, lambda name: torch.nn.Identity(), frozenset(fused))
+            model = Decoder(config, lambda name: torch.nn.Identity(), frozenset(fused),
+                            kernels.get("attention", "matmul"))
         used: dict[str, set] = {}
         for name, module in list(model.named_modules()):
             if not isinstance(module, torch.nn.Identity) or name == "" or name.endswith("rotary"):
@@ -128,16 +129,23 @@ class TorchCompiledEngine:
         used = {k: sorted(v) for k, v in used.items()}
         if fused:
             used["fused"] = sorted(fused)
+        used["attention"] = [kernels.get("attention", "matmul")]
         h = Handle(target, model, device, dt, layout, kernels, False, pinned, used)
         if device == "cuda" if compile is None else compile:
             self.compile(h)
         return h
 
     def compile(self, h: Handle) -> None:
-        """Regional compilation: the decoder layers share one compiled graph per input shape."""
+        """Regional compilation: the decoder layers share one compiled graph per input shape. Inductor settings
+        from the kernel table ("compile", e.g. coordinate_descent_tuning) apply to the whole process."""
         import torch._dynamo
+        import torch._inductor.config as inductor_config
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for key, value in h.kernels.get("compile", {}).items():
+            if not hasattr(inductor_config, key):
+                raise ValueError(f"kernel table: unknown torch._inductor.config setting {key!r}")
+            setattr(inductor_config, key, value)
         for layer in h.model.model.layers:
             layer.compile(dynamic=False, fullgraph=True)
         h.compiled = True
@@ -172,6 +180,9 @@ class TorchCompiledEngine:
             torch.cuda.reset_peak_memory_stats()
         for b in spec.batch_sizes:
             want = kernel_set(h.device, b)
+            if not h.pinned and {**h.kernels, "attention": want["attention"]} == want:
+                h.model.set_attention(want["attention"])  # the decode attention needs no reload
+                h.kernels, h.used = want, {**h.used, "attention": [want["attention"]]}
             if h.device == "cuda" and want != h.kernels and not h.pinned:
                 h.model = None
                 torch.cuda.empty_cache()

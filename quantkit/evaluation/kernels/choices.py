@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
-DEFAULT = {"dense": "cublas-bf16", "fp8": "scaled_mm-epilogue", "int8": "gemlite", "int4": "gemlite"}
+DEFAULT = {"dense": "cublas-bf16", "fp8": "scaled_mm-epilogue", "int8": "gemlite", "int4": "gemlite",
+           "attention": "matmul"}  # attention: the decode attention variant (kernels/attention.py), by batch
 # Kinds whose module holds several kernels and picks one per call by the number of tokens in the call (decode
 # steps and prefill of one batch size need different kernels): their table entry is keyed by tokens, not batch.
 BY_TOKENS = ("int4",)
@@ -26,7 +27,10 @@ BY_TOKENS = ("int4",)
 # overrides it. int8 is not: gemlite autotunes every new shape (minutes) and its fused shapes are not tuned.
 FUSE = ["dense", "fp8", "int4"]
 BASE = {"h200": "h100"}  # gemlite ships no H200 configuration; the H100's is the same sm90 chip
-CPU = {"dense": "reference", "fp8": "reference", "int8": "reference", "int4": "reference"}
+CPU = {"dense": "reference", "fp8": "reference", "int8": "reference", "int4": "reference", "attention": "matmul"}
+# A choice table to try before it is committed (scripts/bench_decode_attention.py writes one): same format as
+# data/choices.json, read instead of it.
+OVERRIDE_ENV = "QUANTKIT_KERNEL_CHOICES"
 
 
 def gpu_slug(name: str) -> str:
@@ -35,7 +39,9 @@ def gpu_slug(name: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _table() -> dict:
-    f = DATA / "choices.json"
+    import os
+
+    f = Path(os.environ.get(OVERRIDE_ENV) or DATA / "choices.json")
     return json.loads(f.read_text()) if f.exists() else {}
 
 
@@ -61,6 +67,8 @@ def choose(per_gpu: dict, batch_size: int) -> dict:
     for kind, by_batch in per_gpu.items():
         if kind == "fuse":
             out["fuse"] = list(by_batch)
+        elif kind == "compile":  # torch._inductor.config settings the engine compiles with (measured to help)
+            out["compile"] = dict(by_batch)
         elif kind in BY_TOKENS:
             out[kind] = dict(by_batch)
         else:

@@ -6,8 +6,11 @@ anywhere and computes the same function; the kernels come from maintained librar
   decode sizes on sm90 (research/gpu-engines.md), as a unit-scale GEMM followed by a multiply that
   `torch.compile` fuses (`epilogue`). Activations are quantized here (per tensor static, or per token).
 - int8: gemlite `A8W8_int8_dynamic` (Triton; per-token activation quantization inside gemlite).
-- int4: gemlite `A16W4_HQQ_INT` (any group size, zero points) or torch's tinygemm `_weight_int4pack_mm`
-  (groups 32..256, zero point folded into a float offset). `Int4Linear.kernel` says which.
+- int4: gemlite `A16W4_HQQ_INT` (any group size, zero points; "gemlite-<TYPE>" pins one of its kernels, e.g.
+  GEMV_SPLITK, instead of its own pick by rows), torch's tinygemm `_weight_int4pack_mm` (groups 32..256, zero
+  point folded into a float offset; "tinygemm-k4"/"-k2": 4 or 2 inner K tiles instead of 8), or "inductor" /
+  "inductor-i32": the dequantize-multiply-sum written out for torch.compile to fuse into one reduction kernel
+  over the packed nibbles, 2 per byte or 8 per int32 word (decode only). `Int4Linear.kernel` says which.
 - dense: `torch.nn.Linear`.
 Activation quantization formulas are shared by the kernel and reference paths, so their difference is only
 the GEMM's arithmetic.
@@ -103,10 +106,15 @@ def tinygemm_scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype) ->
     return torch.stack([s, (8.0 - zero.float()) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
 
-def tinygemm_serves(in_features: int, group_size: int) -> bool:
-    """torch's tinygemm packs the input dimension in tiles of 8 x 16 (innerKTiles 8) and takes groups of
-    32..256; other shapes go to the next kernel of the module's choice."""
-    return in_features % 128 == 0 and group_size in (32, 64, 128, 256)
+def tinygemm_serves(in_features: int, group_size: int, k_tiles: int = 8) -> bool:
+    """torch's tinygemm packs the input dimension in tiles of k_tiles x 16 (innerKTiles, 8 by default) and
+    takes groups of 32..256; other shapes go to the next kernel of the module's choice."""
+    return in_features % (16 * k_tiles) == 0 and group_size in (32, 64, 128, 256)
+
+
+def tinygemm_tiles(kernel: str) -> int:
+    """"tinygemm" -> 8 inner K tiles, "tinygemm-k4" -> 4."""
+    return int(kernel.removeprefix("tinygemm-k")) if kernel.startswith("tinygemm-k") else 8
 
 
 class Int4Linear(nn.Module):
@@ -129,31 +137,44 @@ class Int4Linear(nn.Module):
         self.register_buffer("pre_quant_scale", None if pqs is None else pqs.to(device, dtype))
         self.register_buffer("bias", None if qw.bias is None else qw.bias.to(device, dtype))
         q = qw.q.to(device)
-        if "tinygemm" in self.by_tokens.values() and not tinygemm_serves(q.shape[1], qw.group_size):
+        tiny = {k for k in self.by_tokens.values() if k.startswith("tinygemm")}
+        if any(not tinygemm_serves(q.shape[1], qw.group_size, tinygemm_tiles(k)) for k in tiny):
             # e.g. SmolLM2's hidden size 576: tinygemm packs K in tiles of 128 (measured on the H200 demo run)
             sub = "gemlite" if str(device).startswith("cuda") else "reference"
-            self.by_tokens = {t: sub if k == "tinygemm" else k for t, k in self.by_tokens.items()}
+            self.by_tokens = {t: sub if k in tiny else k for t, k in self.by_tokens.items()}
             self.kernel = "/".join(f"{k}@{t}" for t, k in sorted(self.by_tokens.items())) \
                 if len(self.by_tokens) > 1 else self.by_tokens[1]
         kernels = set(self.by_tokens.values())
-        if unknown := kernels - {"reference", "gemlite", "tinygemm", "dequant"}:
+        known = {"reference", "gemlite", "dequant", "inductor", "inductor-i32"}
+        if unknown := {k for k in kernels - known if not k.startswith(("tinygemm", "gemlite-"))}:
             raise ValueError(f"unknown int4 kernel {sorted(unknown)}")
         if kernels & {"reference", "dequant"}:
             self.register_buffer("q", q)
             fdt = torch.float32 if "reference" in kernels else dtype
             self.register_buffer("scale", qw.scale.to(device, fdt))
             self.register_buffer("zero", qw.zero.to(device, fdt))
-        if "gemlite" in kernels:
+        if "inductor" in kernels:  # two nibbles per byte along K (low = even k)
+            self.register_buffer("nibbles", (q[:, 1::2] << 4 | q[:, ::2]).to(torch.uint8))
+        if "inductor-i32" in kernels:  # eight per int32 word along K, nibble j = k % 8 at bits 4j
+            shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
+            words = (q.view(q.shape[0], -1, 8).to(torch.int64) << shifts).sum(-1)
+            self.register_buffer("words", (words - (words >= 2**31).long() * 2**32).to(torch.int32))
+        if kernels & {"inductor", "inductor-i32"}:  # the groups' scale and zero point
+            self.register_buffer("g_scale", qw.scale.to(device, dtype))
+            self.register_buffer("g_zero", qw.zero.to(device, dtype))
+        if any(k.startswith("gemlite") for k in kernels):
             from gemlite.helper import A16W4_HQQ_INT
 
             self.gemlite = A16W4_HQQ_INT(device=device, dtype=dtype).from_weights(
                 q, qw.scale.to(device, dtype), qw.zero.to(device, dtype))
-        if "tinygemm" in kernels:
+        for k in tiny & kernels:  # one packed copy per tile count asked for
+            tiles = tinygemm_tiles(k)
             if str(device).startswith("cuda"):
                 packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-                self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(packed, 8))
+                self.register_buffer(f"packed{tiles}", torch.ops.aten._convert_weight_to_int4pack(packed, tiles))
             else:  # torch's CPU build of the same kernel (used by the tests to check the conversion)
-                self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 8))
+                self.register_buffer(f"packed{tiles}", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), tiles))
+        if tiny & kernels:
             self.register_buffer("sz", tinygemm_scales_and_zeros(qw.scale, qw.zero, dtype).to(device))
 
     def pick(self, tokens: int) -> str:
@@ -165,6 +186,18 @@ class Int4Linear(nn.Module):
                 kernel = self.by_tokens[t]
         return kernel
 
+    def _fused_dequant(self, x, words: bool):
+        """y = x W^T with W = (q - z) s, written as one multiply-sum that inductor compiles into a single
+        reduction over the packed weight (as gpt-fast's int8 weight-only relies on): each byte (word) is read
+        once and its nibbles meet the inputs they multiply. For a few rows only (no tensor cores)."""
+        n, ng = self.g_scale.shape
+        z, s = self.g_zero.float().unsqueeze(-1), self.g_scale.float().unsqueeze(-1)
+        per = 8 if words else 2
+        packed = (self.words if words else self.nibbles).view(n, ng, -1)     # (n, groups, g / per)
+        xs = x.float().view(x.shape[0], 1, ng, -1, per).unbind(-1)           # per x (m, 1, groups, g / per)
+        acc = sum(xs[j] * (((packed >> (4 * j)) & 15).float() - z) for j in range(per))
+        return (acc * s).sum((-1, -2))
+
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
@@ -175,9 +208,13 @@ class Int4Linear(nn.Module):
         kernel = self.pick(x.shape[0])
         if kernel == "gemlite":
             y = self.gemlite(x)
-        elif kernel == "tinygemm":
+        elif kernel.startswith("gemlite-"):
+            y = self.gemlite.forward_manual(x, kernel.removeprefix("gemlite-"))
+        elif kernel.startswith("tinygemm"):
             mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
-            y = mm(x.to(self.dtype), self.packed, self.group_size, self.sz)
+            y = mm(x.to(self.dtype), getattr(self, f"packed{tinygemm_tiles(kernel)}"), self.group_size, self.sz)
+        elif kernel.startswith("inductor"):
+            y = self._fused_dequant(x, words=kernel == "inductor-i32")
         elif kernel == "dequant":
             gs = self.group_size
             w = (self.q.to(self.dtype) - self.zero.repeat_interleave(gs, 1)) * self.scale.repeat_interleave(gs, 1)

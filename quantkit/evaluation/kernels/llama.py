@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantkit.evaluation.kernels.attention import DEFAULT as DEFAULT_ATTENTION
+from quantkit.evaluation.kernels.attention import check_variant, decode_attention, decode_mask
+
 SUPPORTED = ("llama", "mistral", "qwen2")
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -40,8 +43,9 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config, make_linear, prefix: str, fused: bool = False):
+    def __init__(self, config, make_linear, prefix: str, fused: bool = False, attention: str = DEFAULT_ATTENTION):
         super().__init__()
+        self.attention = check_variant(attention)  # the decode attention (kernels/attention.py)
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
@@ -54,7 +58,7 @@ class Attention(nn.Module):
         self.o_proj = make_linear(f"{prefix}.o_proj")
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, pos):
+    def forward(self, x, cos, sin, pos, mask=None):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         b, t, _ = x.shape
@@ -72,13 +76,8 @@ class Attention(nn.Module):
             self.cache.v[:, :, pos] = v
         if t > 1 or self.cache is None:  # scoring / prefill from position 0: causal attention over the new tokens
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv)
-        else:  # decode: one query per sequence against the whole cache, grouped by KV head (no GQA expansion)
-            g = self.n_heads // self.n_kv
-            qg = q.view(b, self.n_kv, g, self.head_dim)
-            scores = (qg @ self.cache.k.transpose(-1, -2)).float() * self.head_dim ** -0.5
-            keys = torch.arange(self.cache.k.shape[2], device=x.device)
-            scores = scores.masked_fill((keys > pos[-1]).view(1, 1, 1, -1), float("-inf"))
-            y = (scores.softmax(-1).to(v.dtype) @ self.cache.v).view(b, self.n_heads, 1, self.head_dim)
+        else:  # decode: one query per sequence against the whole cache; `mask` from the decoder, once per step
+            y = decode_attention(self.attention, q, self.cache.k, self.cache.v, pos, mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -104,17 +103,18 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, make_linear, i: int, fused: frozenset = frozenset()):
+    def __init__(self, config, make_linear, i: int, fused: frozenset = frozenset(), attention: str = DEFAULT_ATTENTION):
         super().__init__()
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = Attention(config, make_linear, f"model.layers.{i}.self_attn", "self_attn.qkv_proj" in fused)
+        self.self_attn = Attention(config, make_linear, f"model.layers.{i}.self_attn", "self_attn.qkv_proj" in fused,
+                                   attention)
         self.mlp = MLP(config, make_linear, f"model.layers.{i}.mlp", "mlp.gate_up_proj" in fused)
 
-    def forward(self, x, cos, sin, pos):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, pos)
+    def forward(self, x, cos, sin, pos, mask=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -122,14 +122,14 @@ class Decoder(nn.Module):
     """Parameter names follow the HF checkpoint (`model.layers.N....`, `lm_head`), so `load_state_dict` takes
     the artifact's non-linear tensors as they are. `fused`: the groups of kernels/fuse.py built as one linear."""
 
-    def __init__(self, config, make_linear, fused: frozenset = frozenset()):
+    def __init__(self, config, make_linear, fused: frozenset = frozenset(), attention: str = DEFAULT_ATTENTION):
         super().__init__()
         from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
         self.config = config
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.model.layers = nn.ModuleList(Block(config, make_linear, i, fused) for i in range(config.num_hidden_layers))
+        self.model.layers = nn.ModuleList(Block(config, make_linear, i, fused, attention) for i in range(config.num_hidden_layers))
         self.model.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = make_linear("lm_head")
         self.rotary = LlamaRotaryEmbedding(config)
@@ -138,6 +138,11 @@ class Decoder(nn.Module):
         for layer in self.model.layers:
             a = layer.self_attn
             a.cache = KVCache((batch, a.n_kv, max_len, a.head_dim), dtype, device)
+
+    def set_attention(self, variant: str) -> None:
+        """The decode attention (kernels/attention.py); compiled layers retrace on the change."""
+        for layer in self.model.layers:
+            layer.self_attn.attention = check_variant(variant)
 
     def drop_cache(self) -> None:
         for layer in self.model.layers:
@@ -149,8 +154,10 @@ class Decoder(nn.Module):
         materialise 33 GB of logits)."""
         x = self.model.embed_tokens(ids)
         cos, sin = self.rotary(x, pos.unsqueeze(0))
+        cache = self.model.layers[0].self_attn.cache if len(self.model.layers) else None
+        mask = decode_mask(pos, cache.k.shape[2], cache.k.dtype) if cache is not None and ids.shape[1] == 1 else None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, pos)
+            x = layer(x, cos, sin, pos, mask)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))

@@ -39,7 +39,6 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None,
                           cwd=cwd or ROOT, env={**os.environ, **(env or {})})
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks added here
 def pytest_collection_modifyitems(config, items):
     """The marker rule (README, "Tests"): `slow` = needs the real model or a heavy quantization run; `make check`
     (-m "not slow") must stay under 3 minutes on 2 cores. A test whose fixtures reach `smollm2` (directly or
@@ -48,87 +47,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "smollm2" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-    if getattr(config.option, "dist", "no") == "loadgroup":
-        _schedule_for_xdist(items)
+    if hasattr(config, "workerinput"):  # an xdist worker: they collect, the controller hands out their order
+        heaviest_files_first(items)
 
 
-def _schedule_for_xdist(items: list) -> None:
-    """`make test` (pytest-xdist, --dist loadgroup --no-loadscope-reorder): a module's tests stay on one worker,
-    so module-scoped fixtures (a shared build, a converted GGUF) are made once, not once per worker; a module
-    may split itself further with its own xdist_group marks (one group per architecture, say). Work units are
-    handed out in collection order, so the groups with the most `slow` tests go first and the fast lane's
-    short ones fill in at the end, when the other worker is still busy."""
+def heaviest_files_first(items: list) -> None:
+    """`make test` (pytest-xdist, --dist loadfile --no-loadscope-reorder): a file's tests stay on one worker, so
+    module-scoped fixtures (a shared build, converted GGUFs) are made once, not once per worker, and files are
+    handed out in collection order. The files with the most `slow` tests go first, so the fast lane's short
+    files fill in at the end while the other worker finishes."""
     slow_in: dict[str, int] = {}
     for item in items:
-        if not any(True for _ in item.iter_markers("xdist_group")):
-            module = getattr(item, "module", None)
-            item.add_marker(pytest.mark.xdist_group(module.__name__ if module else item.nodeid))
-        mark = next(item.iter_markers("xdist_group"))
-        group = mark.args[0] if mark.args else mark.kwargs.get("name", "default")
-        item._qk_group = group
-        slow_in[group] = slow_in.get(group, 0) + (item.get_closest_marker("slow") is not None)
-    items.sort(key=lambda item: -slow_in[item._qk_group])  # stable: collection order within a group
-
-
-@pytest.fixture(scope="session")
-def smollm2() -> Path:
-    if not (SMOLLM2 / "config.json").exists():
-        pytest.fail(f"{SMOLLM2} missing: run `make model` (make test does this first)")
-    return SMOLLM2
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """moto's S3 server on a free loopback port; AWS_* point every s3fs client (ours and subprocesses') at it."""
-    from loopback_s3 import moto_server
-
-    try:
-        with moto_server() as url:
-            yield url
-    except RuntimeError as e:
-        pytest.fail(str(e))
-
-
-@pytest.fixture(params=["local", "s3"])
-def store_uri(request, tmp_path) -> str:
-    """A store that does not exist yet: a local directory, or a bucket on the loopback S3 server."""
-    if request.param == "local":
-        return str(tmp_path / "store")
-    import uuid
-
-    request.getfixturevalue("s3_endpoint")
-    return f"s3://qk-{uuid.uuid4().hex[:12]}/team/store"
-
-
-def make_tiny_llama(out: Path) -> Path:
-    """A tiny random Llama with a real byte-level BPE tokenizer trained on C4 text (fast, offline)."""
-    import json
-
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    docs = [json.loads(line)["text"] for line in (DATA / "c4" / "c4-train-sample.jsonl").read_text().splitlines()[:200]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(out)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
-    from quantkit.sanity import declare_random_weights
-
-    declare_random_weights(out, "tests/conftest.py tiny_llama")
-    return out
+        f = item.nodeid.split("::")[0]
+        slow_in[f] = slow_in.get(f, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow_in[item.nodeid.split("::")[0]])  # stable: a file's order is kept
 
 
 # A build calls gc.collect() after each target (quantkit/util.py release_memory); in this process a full
@@ -168,8 +100,7 @@ def pytest_runtest_logreport(report):
     if "arch_cell" not in props or (report.when != "call" and report.passed):
         return
     status = props.get("arch_cell_status", "failed") if report.passed else "failed"
-    test = report.nodeid.split("@")[0] if report.nodeid.rfind("@") > report.nodeid.rfind("]") else report.nodeid
-    _ARCH_CELLS.append({**props["arch_cell"], "test": test, "status": status,
+    _ARCH_CELLS.append({**props["arch_cell"], "test": report.nodeid, "status": status,
                         "outcome": report.outcome, "duration_s": round(report.duration, 2)})
 
 

@@ -63,6 +63,67 @@ def heaviest_files_first(items: list) -> None:
     items.sort(key=lambda item: -slow_in[item.nodeid.split("::")[0]])  # stable: a file's order is kept
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    if not (SMOLLM2 / "config.json").exists():
+        pytest.fail(f"{SMOLLM2} missing: run `make model` (make test does this first)")
+    return SMOLLM2
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on a free loopback port; AWS_* point every s3fs client (ours and subprocesses') at it."""
+    from loopback_s3 import moto_server
+
+    try:
+        with moto_server() as url:
+            yield url
+    except RuntimeError as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_uri(request, tmp_path) -> str:
+    """A store that does not exist yet: a local directory, or a bucket on the loopback S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    import uuid
+
+    request.getfixturevalue("s3_endpoint")
+    return f"s3://qk-{uuid.uuid4().hex[:12]}/team/store"
+
+
+def make_tiny_llama(out: Path) -> Path:
+    """A tiny random Llama with a real byte-level BPE tokenizer trained on C4 text (fast, offline)."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    docs = [json.loads(line)["text"] for line in (DATA / "c4" / "c4-train-sample.jsonl").read_text().splitlines()[:200]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    from quantkit.sanity import declare_random_weights
+
+    declare_random_weights(out, "tests/conftest.py tiny_llama")
+    return out
+
+
 # A build calls gc.collect() after each target (quantkit/util.py release_memory); in this process a full
 # collection walks every object of torch, transformers and llm-compressor: ~0.4 CPU-s a call, a third of a tiny
 # build. Objects alive once a library is imported are moved out of the collector's sight (gc.freeze); garbage

@@ -261,6 +261,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--no-gemv", action="store_true")
+    ap.add_argument("--gemv", default="", help="instead of the core + extra sets: KERNEL:GROUP,... (e.g. "
+                    "gemlite-GEMV_SPLITK:128) or 'extra'")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=120, help="later measurements are skipped past this")
@@ -289,14 +291,19 @@ def main() -> None:
     variants = [v for v in args.variants.split(",") if v]
     batches = [int(b) for b in args.batches.split(",")]
     rows = bench_attention(args, cfg, dev, batches[0], variants, bw["gb_per_s"], deadline)  # batch 1 first
+    core, extra = [("bf16", None)] + INT4_CORE, INT4_EXTRA
+    if args.gemv:
+        core = INT4_EXTRA if args.gemv == "extra" else [(k, int(g)) for k, g in
+                                                          (x.split(":") for x in args.gemv.split(","))]
+        core, extra = [("bf16", None), ("tinygemm", 128)] + core, []  # with the references, same run
     if not args.no_gemv:
-        rows += bench_gemv(args, cfg, dev, [("bf16", None)] + INT4_CORE, bw["gb_per_s"], deadline)
+        rows += bench_gemv(args, cfg, dev, core, bw["gb_per_s"], deadline)
     for b in batches[1:]:
         rows += bench_attention(args, cfg, dev, b, variants, bw["gb_per_s"], deadline)
     meta = {"gpu": gpu, "versions": versions, "bandwidth": bw, "args": vars(args)}
     write(args.out, rows, meta, gpu, batches)  # before the optional part: a killed run keeps the core results
-    if not args.no_gemv and time.perf_counter() < deadline:
-        rows += bench_gemv(args, cfg, dev, INT4_EXTRA, bw["gb_per_s"], deadline)
+    if not args.no_gemv and extra and time.perf_counter() < deadline:
+        rows += bench_gemv(args, cfg, dev, extra, bw["gb_per_s"], deadline)
         write(args.out, rows, meta, gpu, batches)
     print_tables(rows)
     from quantkit.evaluation.kernels.choices import DATA

@@ -49,16 +49,19 @@ def main() -> int:
     import numpy as np
 
     from quantkit.evaluation.engines.llama_cpp_engine import LlamaCppEngine, _gpu_layers
+    from quantkit.toolchain.llama_cpp_scorer import needs_child, open_llama
 
-    step(f"n_gpu_layers the engine asks for: {_gpu_layers()}")
+    step(f"n_gpu_layers the engine asks for: {_gpu_layers()}; the engine scores in a child: {needs_child()}")
+    step("opening the context in this process (Llama(...))")
+    llm = open_llama(a.gguf, a.seq_len, 4, _gpu_layers())
+    n_vocab = llm.n_vocab()
+    step(f"context open: n_vocab {n_vocab}")
+    del llm
     eng = LlamaCppEngine()
     handle = eng.load(a.gguf.parent, a.gguf.name)
-    step("engine handle made; opening the context (Llama(...))")
-    llm = handle.llama(a.seq_len)
-    step(f"context open: n_vocab {llm.n_vocab()}")
-    ids = np.random.default_rng(0).integers(10, llm.n_vocab() - 10, size=(a.windows, a.seq_len))
+    ids = np.random.default_rng(0).integers(10, n_vocab - 10, size=(a.windows, a.seq_len))
     nll, count = eng.nll(handle, ids, label="diag")
-    step(f"scored {count} tokens: ppl {np.exp(nll / count):.2f}")
+    step(f"scored {count} tokens through the engine: ppl {np.exp(nll / count):.2f}")
     step(f"describe: {eng.describe(handle)}")
     step("OK")
     return 0

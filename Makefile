@@ -50,8 +50,11 @@ model: $(DEMO_MODEL)/config.json
 demo: setup model
 	TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 $(BIN)/quantkit build recipes/smollm2-135m-demo.yaml
 
+# pytest-xdist: TEST_WORKERS processes (CI: 2 cores), one torch thread each (tests/conftest.py); a module's tests
+# stay on one worker (its shared fixtures are built once), the heaviest files start first.
+TEST_WORKERS ?= 2
 test: setup model
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The inner loop (< 3 min on 2 cores): deselects `slow` (see tests/conftest.py for the marker rule).
 check: setup

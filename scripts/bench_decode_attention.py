@@ -149,6 +149,8 @@ def bench_gemv(args, cfg, dev, kernels, bw_gb_s: float, deadline: float) -> list
         t0 = time.perf_counter()
         torch._dynamo.reset()  # dynamo's guards ignore inductor settings: "+cdt" must compile afresh
         rec = {"part": "gemv", "kernel": kernel, "group": group, "rows": 1, "layers": args.layers}
+        if kernel.startswith("gemlite") and args.gemlite_autotune:
+            rec["gemlite_autotune"] = args.gemlite_autotune
         try:
             mods, err = [], 0.0
             for c in range(copies):
@@ -201,6 +203,20 @@ def bench_gemv(args, cfg, dev, kernels, bw_gb_s: float, deadline: float) -> list
     return rows
 
 
+GEMV_TYPES = ("GEMV", "GEMV_REVSPLITK", "GEMV_SPLITK")
+
+
+def retune_gemlite(mode: str) -> None:
+    """Forget the cached configs of gemlite's GEMV kernels and let them autotune in `mode` on first use (the
+    shipped H200 cache came from gemlite's "fast" search)."""
+    import gemlite
+    from gemlite import core
+
+    for t in GEMV_TYPES:
+        core.GEMLITE_TRITON_CONFIG_CACHE.pop(t, None)
+    gemlite.set_autotune({t: mode for t in GEMV_TYPES})
+
+
 def choose(rows: list[dict], base: dict, gpu: str, batches=(1, 16, 64)) -> dict:
     """The committed table for this GPU with the measured winners: attention per batch (error < 1 %; a batch
     size not measured keeps the reference "matmul", not the choice of a smaller one), int4 at 1 token (group
@@ -248,7 +264,8 @@ def print_tables(rows: list[dict]) -> None:
     print("\n| W4 GEMV, 1 token | group | ms / step (32 layers) | floor ms | GB/s | rel. err | note |")
     print("|---|---|---|---|---|---|---|")
     for r in (r for r in rows if r["part"] == "gemv"):
-        note = r.get("error") or r.get("skipped") or ""
+        note = r.get("error") or r.get("skipped") or (f"gemlite autotune {r['gemlite_autotune']}"
+                                                        if r.get("gemlite_autotune") else "")
         print(f"| {r['kernel']} | {r['group'] or '-'} | {r.get('ms_per_step', '-')} | {r.get('floor_ms', '-')} | "
               f"{r.get('gb_per_s', '-')} | {r.get('rel_err', '-')} | {note[:120]} |")
 
@@ -261,6 +278,11 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--no-gemv", action="store_true")
+    ap.add_argument("--gemlite-autotune", default="", choices=["", "fast", "max"],
+                    help="re-autotune gemlite's GEMV kernels on this GPU (drops their shipped cached configs; "
+                    "'max': gemlite's full search, ~20 s per shape) and write the result to $OUT/gemlite-<gpu>.json")
+    ap.add_argument("--gemv", default="", help="instead of the core + extra sets: KERNEL:GROUP,... (e.g. "
+                    "gemlite-GEMV_SPLITK:128) or 'extra'")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=120, help="later measurements are skipped past this")
@@ -289,14 +311,28 @@ def main() -> None:
     variants = [v for v in args.variants.split(",") if v]
     batches = [int(b) for b in args.batches.split(",")]
     rows = bench_attention(args, cfg, dev, batches[0], variants, bw["gb_per_s"], deadline)  # batch 1 first
+    core, extra = [("bf16", None)] + INT4_CORE, INT4_EXTRA
+    if args.gemv:
+        core = INT4_EXTRA if args.gemv == "extra" else [(k, int(g)) for k, g in
+                                                          (x.split(":") for x in args.gemv.split(","))]
+        core, extra = [("bf16", None), ("tinygemm", 128)] + core, []  # with the references, same run
+    if args.gemlite_autotune and dev == "cuda":
+        retune_gemlite(args.gemlite_autotune)
     if not args.no_gemv:
-        rows += bench_gemv(args, cfg, dev, [("bf16", None)] + INT4_CORE, bw["gb_per_s"], deadline)
+        rows += bench_gemv(args, cfg, dev, core, bw["gb_per_s"], deadline)
+    if args.gemlite_autotune and dev == "cuda" and args.out:
+        import gemlite
+
+        from quantkit.evaluation.kernels.choices import gpu_slug
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        gemlite.cache_config(str(Path(args.out) / f"gemlite-{gpu_slug(gpu)}.json"))
     for b in batches[1:]:
         rows += bench_attention(args, cfg, dev, b, variants, bw["gb_per_s"], deadline)
     meta = {"gpu": gpu, "versions": versions, "bandwidth": bw, "args": vars(args)}
     write(args.out, rows, meta, gpu, batches)  # before the optional part: a killed run keeps the core results
-    if not args.no_gemv and time.perf_counter() < deadline:
-        rows += bench_gemv(args, cfg, dev, INT4_EXTRA, bw["gb_per_s"], deadline)
+    if not args.no_gemv and extra and time.perf_counter() < deadline:
+        rows += bench_gemv(args, cfg, dev, extra, bw["gb_per_s"], deadline)
         write(args.out, rows, meta, gpu, batches)
     print_tables(rows)
     from quantkit.evaluation.kernels.choices import DATA

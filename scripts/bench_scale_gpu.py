@@ -35,6 +35,9 @@ targets:
   - {{name: int8-w8a8, format: int8, scheme: w8a8}}
   - {{name: fp8-static, format: fp8, scheme: static}}
   - {{name: w4a16-rtn, format: gptq, algorithm: rtn, group_size: 128}}
+  - {{name: trtllm-fp8, format: trtllm, scheme: fp8}}
+  - {{name: trtllm-int4-awq, format: trtllm, scheme: int4_awq, group_size: 128}}
+  - {{name: gguf-q4km, format: gguf, types: [Q4_K_M], imatrix: true, llama_cpp_ppl_chunks: 0}}
 eval: {{perplexity: null}}
 store: {{uri: {store}}}
 """)
@@ -46,9 +49,10 @@ def run(cmd: list[str], log: Path, timeout: float) -> dict:
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(5, timeout), cwd=ROOT)
         out, code = p.stderr, p.returncode
+        log.write_text(out + "\n--- stdout ---\n" + p.stdout)  # `--json`'s stage records are on stdout
     except subprocess.TimeoutExpired as e:
         out, code = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or ""), 124
-    log.write_text(out)
+        log.write_text(out)
     rec = {"exit": code, "process_wall_s": round(time.perf_counter() - t0, 2)}
     for line in reversed(out.strip().splitlines()):
         if line.startswith("{") and line.endswith("}"):
@@ -86,6 +90,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--deadline", type=float, default=540, help="seconds from start; later jobs are skipped")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--jobs", help="comma list of SHAPE:JOB to run, in this order (default: all, priority order)")
+    ap.add_argument("--layers", default="8b:4,70b:2", help="decoder layers per shape, e.g. 8b:4,70b:2")
     a = ap.parse_args()
     start = time.monotonic()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -101,16 +107,21 @@ def main() -> int:
         shapes = {"8b": (f"dummy:{tiny}", 2), "70b": (f"dummy:{tiny}", 1)}
         samples, seq_len = 4, 128
     else:
-        shapes = {"8b": ("dummy:llama-3.1-8b", 4), "70b": ("dummy:llama-3.1-70b", 2)}
+        layers = dict(x.split(":") for x in a.layers.split(","))
+        shapes = {"8b": ("dummy:llama-3.1-8b", int(layers["8b"])), "70b": ("dummy:llama-3.1-70b", int(layers["70b"]))}
         samples, seq_len = 128, 2048
-    recipes = {k: recipe(work / f"scale-{k}.yaml", f"scale-{k}-L{n}", src, n, samples, seq_len, work / f"store-{k}")
-               for k, (src, n) in shapes.items()}
-    build = [PY, str(ROOT / "scripts/build_peak.py"), "build"]
     jobs = [  # priority order: what the issue asks first
         ("8b", "fp8-dynamic"), ("8b", "gptq-w4-g128"), ("8b", "direct-gptq"), ("70b", "gptq-w4-g128"),
         ("8b", "awq-w4-g128"), ("70b", "awq-w4-g128"), ("8b", "int8-w8a8"), ("8b", "fp8-static"),
-        ("70b", "fp8-dynamic"), ("8b", "w4a16-rtn"), ("8b", "direct-awq"),
+        ("70b", "fp8-dynamic"), ("8b", "w4a16-rtn"), ("8b", "direct-awq"), ("8b", "trtllm-fp8"),
+        ("8b", "trtllm-int4-awq"), ("8b", "gguf-q4km"),
     ]
+    if a.jobs:
+        jobs = [tuple(j.split(":")) for j in a.jobs.split(",")]
+        shapes = {k: v for k, v in shapes.items() if any(k == s for s, _ in jobs)}
+    recipes = {k: recipe(work / f"scale-{k}.yaml", f"scale-{k}-L{n}", src, n, samples, seq_len, work / f"store-{k}")
+               for k, (src, n) in shapes.items()}
+    build = [PY, str(ROOT / "scripts/build_peak.py"), "build"]
     results: list[dict] = []
     # the dummy checkpoints first, each in its own process (drawn on the GPU, written once)
     for k, path in recipes.items():
@@ -136,7 +147,7 @@ def main() -> int:
                        str(work / f"direct-{shape}-{job}"), job.removeprefix("direct-")], logs / f"{shape}-{job}.log",
                       left)
         else:
-            rec = run(build + [str(recipes[shape]), "--target", job], logs / f"{shape}-{job}.log", left)
+            rec = run(build + [str(recipes[shape]), "--target", job, "--json"], logs / f"{shape}-{job}.log", left)
             m = manifest_of(work / f"store-{shape}", job)
             if m:
                 rec.update(produce_s=m["build"]["produce_s"], devices=m["build"].get("devices"),

@@ -14,11 +14,11 @@
 #          timeout_s=400)
 #    $OUT gets summary.md, results.json, build-g1.log, build-g2.log, device.txt (commit them under
 #    docs/benchmarks/h200-distributed/).
-# Knobs (env): LAYERS=6 SAMPLES=128 SEQ_LEN=2048 GPUS=2 SOURCE=dummy:llama-3.1-8b BUDGET=370 (seconds for
+# Knobs (env): EXTRA_ARGS (more bench_distributed.py options, e.g. '--dtype float32 --ppl 8'), LAYERS=6 SAMPLES=128 SEQ_LEN=2048 GPUS=2 SOURCE=dummy:llama-3.1-8b BUDGET=370 (seconds for
 # the benchmark itself). DRY=1: a CPU dry run (no wheel install; gloo ranks stand in for the GPUs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PACK=.gpuwork-dist
+PACK=${DIST_PACK:-.gpuwork-dist}  # DIST_PACK: an absolute path works too (scripts/gpu_session.sh)
 WHEELS="llmcompressor compressed_tensors datasets dill multiprocess loguru pydantic pydantic_core annotated_types typing_inspection"
 
 if [ "${1:-}" = "--pack" ]; then
@@ -46,12 +46,14 @@ fi
 
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-G=$PWD/$PACK
+case "$PACK" in /*) G=$PACK ;; *) G=$PWD/$PACK ;; esac
 if [ ! -d "$G/whl" ] || [ ! -d "$G/data/c4" ] || [ ! -f "$G/tok/tokenizer.json" ]; then
   echo "$PACK/ is missing or incomplete: run 'bash scripts/gpu_distributed.sh --pack' on the CPU host and carry it"
   exit 2
 fi
-if [ -z "${DRY:-}" ]; then
+if [ -n "${NO_WHEELS:-}" ]; then  # the caller installed them into /tmp/site (a second install would rewrite
+  export PYTHONPATH=$PWD:/tmp/site  # files that running processes import)
+elif [ -z "${DRY:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$G"/whl/*.whl || exit 1
   export PYTHONPATH=$PWD:/tmp/site
@@ -75,7 +77,8 @@ if [ -z "${DRY:-}" ] && [ "${shm:-0}" -lt 40000000000 ]; then
   mount -o remount,size=96G /dev/shm && df -h /dev/shm | tail -1 | sed 's/^/shm after remount /' | tee -a "$OUT/device.txt"
 fi
 timeout "${BUDGET:-370}" $PY scripts/bench_distributed.py --out "$OUT" --source "${SOURCE:-dummy:llama-3.1-8b}" \
-  --layers "${LAYERS:-6}" --samples "${SAMPLES:-128}" --seq-len "${SEQ_LEN:-2048}" --gpus "${GPUS:-2}" --logs
+  --layers "${LAYERS:-6}" --samples "${SAMPLES:-128}" --seq-len "${SEQ_LEN:-2048}" --gpus "${GPUS:-2}" --logs \
+  ${EXTRA_ARGS:-}
 rc=$?
 echo "bench_distributed exit $rc"
 if [ $rc -ne 0 ]; then  # a failed rank's log is kept in the cache (quantkit/distributed.py): bring it back

@@ -15,6 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 DATA = Path(os.environ["QUANTKIT_DATA"])
+# `make test` runs pytest-xdist workers (-n 2 on CI's 2 cores): one math thread per worker (torch, and every
+# process it starts inherits it), so two workers do not fight over the cores with spinning OpenMP threads.
+# Set before anything imports torch; an explicit setting wins.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, _threads)
 SMOLLM2 = ROOT / "models" / "smollm2-135m-instruct"
 
 
@@ -40,6 +47,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "smollm2" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    if hasattr(config, "workerinput"):  # an xdist worker: they collect, the controller hands out their order
+        heaviest_files_first(items)
+
+
+def heaviest_files_first(items: list) -> None:
+    """`make test` (pytest-xdist, --dist loadfile --no-loadscope-reorder): a file's tests stay on one worker, so
+    module-scoped fixtures (a shared build, converted GGUFs) are made once, not once per worker, and files are
+    handed out in collection order. The files with the most `slow` tests go first, so the fast lane's short
+    files fill in at the end while the other worker finishes."""
+    slow_in: dict[str, int] = {}
+    for item in items:
+        f = item.nodeid.split("::")[0]
+        slow_in[f] = slow_in.get(f, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow_in[item.nodeid.split("::")[0]])  # stable: a file's order is kept
 
 
 @pytest.fixture(scope="session")
@@ -103,6 +124,33 @@ def make_tiny_llama(out: Path) -> Path:
     return out
 
 
+# A build calls gc.collect() after each target (quantkit/util.py release_memory); in this process a full
+# collection walks every object of torch, transformers and llm-compressor: ~0.4 CPU-s a call, a third of a tiny
+# build. Objects alive once a library is imported are moved out of the collector's sight (gc.freeze); garbage
+# made later, the builds' models included, is collected as before. Frozen only right after a full collection,
+# when many modules came in, so no garbage of a test is frozen with them.
+_frozen_at = 0
+
+
+def _freeze_imported() -> None:
+    global _frozen_at
+    if len(sys.modules) - _frozen_at > 200:
+        import gc
+
+        gc.collect()
+        gc.freeze()
+        _frozen_at = len(sys.modules)
+
+
+def pytest_collection_finish(session):
+    _freeze_imported()
+
+
+@pytest.hookimpl(trylast=True)  # after the test's own fixtures are torn down
+def pytest_runtest_teardown(item, nextitem):
+    _freeze_imported()
+
+
 # The architecture matrix (tests/test_arch_matrix.py): each cell test records {arch, format, engine} and its
 # status; the outcomes are written as JSON for scripts/arch_support_table.py (README's support table).
 _ARCH_CELLS: list[dict] = []
@@ -118,7 +166,7 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _ARCH_CELLS:
+    if _ARCH_CELLS and not hasattr(session.config, "workerinput"):  # under xdist the controller sees every cell
         import json
 
         out = Path(os.environ.get("QUANTKIT_ARCH_MATRIX_JSON", ROOT / ".pytest_cache" / "arch-matrix.json"))

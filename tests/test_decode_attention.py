@@ -51,7 +51,8 @@ def test_engine_decode_step_equals_prefill(tiny_llama, variant):
     ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         want = h.model(ids, torch.arange(10))[:, -1]
-        h.model.setup_cache(2, 16, torch.float32, "cpu")
+        h.model.setup_cache(2, 10, torch.float32, "cpu")
+        assert h.model.model.layers[0].self_attn.cache.k.shape[2] == 64  # rounded up: aligned rows for the GEMMs
         h.model(ids[:, :9], torch.arange(9))
         got = h.model(ids[:, 9:], torch.tensor([9]))[:, -1]
     assert float((got - want).norm() / want.norm()) < 1e-5

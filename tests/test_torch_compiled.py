@@ -191,6 +191,9 @@ def test_kernel_choice_follows_the_measured_table():
     assert choose(h200, 64)["int4"] == h200["int4"]  # keyed by tokens: the module picks per call
     assert choose(h200, 64)["fp8"] == "scaled_mm-epilogue" and choose({}, 1)["int8"] == "gemlite"
     assert choose(h200, 1)["fuse"] == h200["fuse"] and "int8" not in choose({}, 1)["fuse"]
+    from quantkit.evaluation.kernels.attention import check_variant
+
+    assert all(check_variant(choose(h200, b)["attention"]) for b in (1, 8, 16, 64, 256))  # by batch, known
     cpu = kernel_set("cpu", 64)
     assert {k: v for k, v in cpu.items() if k != "fuse"} == CPU
     assert set(CPU.values()) == {"reference", "matmul"} and CPU["attention"] == "matmul"  # the reference paths

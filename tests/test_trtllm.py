@@ -238,3 +238,27 @@ def test_real_tensorrt_llm_loads_and_generates_from_exports(smol_built):
         out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8))
         assert out[0].outputs[0].text.strip(), name
         del llm
+
+
+@pytest.mark.parametrize("kind", ["awq", "fp8-kv"])
+def test_reference_model_moves_its_scales_with_the_weights(tmp_path, kind):
+    """The decoded reference model's input/KV scales travel with `model.to(device)`. On the H200 (run 4) the
+    INT4-AWQ export check failed with "cuda:0 and cpu": the 1-D pre_quant_scale stayed on the CPU. The meta
+    device stands in for the GPU here: it refuses CPU operands the same way."""
+    import torch
+
+    from quantkit.evaluation.engines.modelopt_reference import build_reference_model
+
+    tensors = _awq_tensors() if kind == "awq" else _fp8_tensors(kv=True)
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        tensors[f"model.layers.0.{norm}.weight"] = torch.ones(64)
+    path = _write(tmp_path / kind, tensors, AWQ if kind == "awq" else {**FP8, "kv_cache_quant_algo": "FP8"})
+    model, _ = build_reference_model(path, torch.float32)
+    ids = torch.tensor([[1, 2, 3]])
+    cpu_logits = model(input_ids=ids).logits
+    assert torch.isfinite(cpu_logits).all()
+    names = [n for n, _ in model.named_buffers() if "_quantkit_" in n]
+    assert len(names) == (2 if kind == "awq" else 9), names  # awq: o/down pre_quant_scale; fp8: 7 inputs + k/v
+    model.to("meta")
+    assert {model.get_buffer(n).device.type for n in names} == {"meta"}
+    assert model(input_ids=ids.to("meta")).logits.shape == cpu_logits.shape

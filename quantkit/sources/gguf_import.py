@@ -22,6 +22,7 @@ import json
 import shutil
 import struct
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from quantkit.errors import UserError
@@ -73,6 +74,37 @@ def fix_config(config, facts: dict) -> None:
         config.rope_parameters["sliding_attention"]["rope_theta"] = facts["rope_theta_swa"]
 
 
+@contextmanager
+def _parsed_once(gguf_path: Path):
+    """transformers' GGUF loader parses the whole file again for the tokenizer, the config and the weights, and
+    the import's own checks read it too: 8 parses, each ~2 CPU-s for a 49k-token vocabulary (gguf's reader
+    makes a numpy view per vocabulary entry and merge). During the import, a `gguf.GGUFReader` of this file in
+    read mode is parsed once and shared (nothing writes through a read-mode reader); other files and modes are
+    read as before, and the class is put back afterwards."""
+    import gguf
+
+    real, shared = gguf.GGUFReader, {}
+
+    def ours(path, mode) -> bool:
+        return mode == "r" and Path(path).resolve() == gguf_path
+
+    class ParsedOnce(real):
+        def __new__(cls, path, mode="r"):
+            return shared["reader"] if ours(path, mode) and "reader" in shared else super().__new__(cls)
+
+        def __init__(self, path, mode="r"):
+            if self is not shared.get("reader"):
+                super().__init__(path, mode)
+                if ours(path, mode):
+                    shared["reader"] = self
+
+    gguf.GGUFReader = ParsedOnce
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+
+
 UNREADABLE = (ValueError, KeyError, EOFError, struct.error)  # what the GGUF readers raise on a truncated file
 
 
@@ -83,6 +115,12 @@ def _unreadable(gguf_path: Path, e: Exception) -> UserError:
 
 def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Write a dense fp32 HF checkpoint for gguf_path at out_dir (atomically: a temp dir renamed at the end)."""
+    gguf_path = Path(gguf_path).resolve()
+    with _parsed_once(gguf_path):
+        return _import(gguf_path, out_dir)
+
+
+def _import(gguf_path: Path, out_dir: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     import torch
 

@@ -4,8 +4,9 @@
 - `throughput`: `llama-bench -o json` (pp{prompt_len} and tg{gen_len}, the recipe's repetitions and threads).
 - `llama_perplexity`: llama.cpp's own perplexity protocol, `llama-perplexity -f FILE -c N --chunks K` (its
   tokenization, BOS per chunk, second half of each chunk scored): the number llama.cpp's tables quote.
-- `nll`: the common protocol, the only in-process use of the binding. It must score exactly the token ids and
-  windows every other engine scores (the cross-engine check), and no llama.cpp tool takes token ids.
+- `nll`: the common protocol, the only use of the binding. It must score exactly the token ids and windows every
+  other engine scores (the cross-engine check), and no llama.cpp tool takes token ids. In this process, or in a
+  child without torch where a CUDA build crashes beside torch (quantkit/toolchain/llama_cpp_scorer.py).
 """
 from __future__ import annotations
 
@@ -14,12 +15,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from quantkit.evaluation.engines import register_engine
 from quantkit.evaluation.latency import ttft_summary
 from quantkit.toolchain import llama_cpp as toolchain
 from quantkit.toolchain.llama_cpp import default_threads
+from quantkit.toolchain.llama_cpp_scorer import open_scorer
 from quantkit.util import library_versions
 
 LLAMA_CPP_PROTOCOL = "llama.cpp-perplexity/1"
@@ -30,41 +30,24 @@ def _gpu_layers() -> int:
     return 99 if toolchain.backend_of(toolchain.find_tool("llama-bench")) == "cuda" else 0
 
 
-def open_llama(model_path: Path | str, n_ctx: int, threads: int):
-    """A Llama keeping the logits of every position. Flash attention on, as llama-perplexity's `auto` resolves
-    on CPU, so the two compute the same graph."""
-    ll = toolchain.binding()
-    from llama_cpp import _logger
-
-    _logger.set_verbose(False)  # llama.cpp logs only errors to stderr
-    return ll.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(512, n_ctx),
-                    n_threads=threads, n_threads_batch=threads, logits_all=True, flash_attn=True,
-                    n_gpu_layers=_gpu_layers(), verbose=False)
-
-
-def token_nll(logits: np.ndarray, targets: list[int], rows_per_step: int = 128) -> float:
-    """Sum of -log softmax(logits)[target], computed as llama.cpp does (float32 exp, float64 sum)."""
-    total = 0.0
-    for s in range(0, len(targets), rows_per_step):
-        lg = logits[s:s + rows_per_step]
-        tg = np.asarray(targets[s:s + rows_per_step])
-        m = lg.max(axis=1)
-        lse = np.log(np.exp(lg - m[:, None]).sum(axis=1, dtype=np.float64))
-        total += float(np.sum(lse - (lg[np.arange(len(tg)), tg] - m).astype(np.float64)))
-    return total
-
-
 @dataclass
 class Loaded:
     path: Path
     threads: int
-    llamas: dict = field(default_factory=dict)  # n_ctx -> Llama: the context is sized by the window length
+    scorers: dict = field(default_factory=dict)  # n_ctx -> scorer: the context is sized by the window length
 
-    def llama(self, n_ctx: int):
-        if n_ctx not in self.llamas:
-            self.llamas.clear()  # one context at a time: each holds n_ctx x vocab logits
-            self.llamas[n_ctx] = open_llama(self.path, n_ctx, self.threads)
-        return self.llamas[n_ctx]
+    def scorer(self, n_ctx: int):
+        """In this process, or in a child without torch where the CUDA build crashes beside it
+        (quantkit/toolchain/llama_cpp_scorer.py)."""
+        if n_ctx not in self.scorers:
+            self.close()  # one context at a time: each holds n_ctx x vocab logits
+            self.scorers[n_ctx] = open_scorer(self.path, n_ctx, self.threads, _gpu_layers())
+        return self.scorers[n_ctx]
+
+    def close(self) -> None:
+        for s in self.scorers.values():
+            s.close()
+        self.scorers.clear()
 
 
 def build_info() -> dict:
@@ -90,14 +73,12 @@ class LlamaCppEngine:
         from rich.progress import Progress
 
         n, length = ids.shape
-        llm = handle.llama(length)
+        scorer = handle.scorer(length)
         total, count = 0.0, 0
         with Progress(transient=True) as bar:
             task = bar.add_task(f"perplexity {label} (llama.cpp)", total=n)
             for row in ids.tolist():
-                llm.reset()
-                llm.eval(row)
-                total += token_nll(llm.scores[:length - 1], row[1:])
+                total += scorer.score(row)
                 count += length - 1
                 bar.advance(task)
         return total, count
@@ -106,7 +87,7 @@ class LlamaCppEngine:
         """`llama-bench -o json` at the recipe's prompt and generation lengths; batch 1 only (llama-bench runs
         one sequence), other batch sizes are listed as skipped."""
         threads = spec.threads or handle.threads
-        handle.llamas.clear()  # free the perplexity context first: its logits are large
+        handle.close()  # free the perplexity context first: its logits are large
         ngl = _gpu_layers()
         args = ["-m", handle.path, "-p", spec.prompt_len, "-n", spec.gen_len, "-r", spec.repetitions,
                 "-t", threads, "-ngl", ngl, "-o", "json"] + (["--no-warmup"] if spec.warmup == 0 else [])

@@ -103,14 +103,17 @@ def dequantize_state_dict(tensors: dict, qcfg: dict, dtype) -> tuple[dict, dict]
     return dense, {"acts": acts, "kv": kv}
 
 
-def _input_hook(act):
+def _input_hook(kind: str | None):
+    """Fake-quantizes a linear's input as the checkpoint defines. The pre-quant and input scales are the
+    module's non-persistent buffers (see build_reference_model), so `model.to("cuda")` moves them with the
+    weights: a 1-D CPU pre_quant_scale times a CUDA activation fails (the INT4-AWQ check on the H200, run 4)."""
     def hook(module, args):
         x = args[0]
-        if "pqs" in act:
-            x = x * act["pqs"].to(x.dtype)
-        if "input_scale" in act:
-            s = act["input_scale"].to(x.dtype)
-            x = fp8_roundtrip(x, s) if act["kind"] == "fp8" else int8_roundtrip(x, s)
+        if hasattr(module, "_quantkit_pqs"):
+            x = x * module._quantkit_pqs.to(x.dtype)
+        if hasattr(module, "_quantkit_input_scale"):
+            s = module._quantkit_input_scale.to(x.dtype)
+            x = fp8_roundtrip(x, s) if kind == "fp8" else int8_roundtrip(x, s)
         return (x, *args[1:])
     return hook
 
@@ -122,10 +125,9 @@ def _register_fp8_kv_attention():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def fp8_kv_sdpa(module, query, key, value, attention_mask, **kwargs):
-        scales = getattr(module, "_quantkit_kv", None)
-        if scales:
-            key = fp8_roundtrip(key, scales["k_scale"].to(key.dtype))
-            value = fp8_roundtrip(value, scales["v_scale"].to(value.dtype))
+        if hasattr(module, "_quantkit_k_scale"):
+            key = fp8_roundtrip(key, module._quantkit_k_scale.to(key.dtype))
+            value = fp8_roundtrip(value, module._quantkit_v_scale.to(value.dtype))
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(KV_ATTENTION, fp8_kv_sdpa)
@@ -170,11 +172,16 @@ def build_reference_model(path: Path, dtype, trust_remote_code: bool = False):
                          f"unexpected {sorted(unexpected)[:5]}")
     model.tie_weights()
     for mod, act in hooks["acts"].items():
-        model.get_submodule(mod).register_forward_pre_hook(_input_hook(act))
+        m = model.get_submodule(mod)
+        for key in ("pqs", "input_scale"):
+            if key in act:
+                m.register_buffer(f"_quantkit_{key}", act[key], persistent=False)
+        m.register_forward_pre_hook(_input_hook(act.get("kind")))
     for attn, scales in hooks["kv"].items():
         if set(scales) != {"k_scale", "v_scale"}:
             raise ValueError(f"{attn}: k_scale and v_scale must come together")
-        model.get_submodule(attn)._quantkit_kv = scales
+        for key, t in scales.items():
+            model.get_submodule(attn).register_buffer(f"_quantkit_{key}", t, persistent=False)
     model.eval()
     return model, qcfg
 

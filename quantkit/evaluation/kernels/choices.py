@@ -19,7 +19,7 @@ from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
 DEFAULT = {"dense": "cublas-bf16", "fp8": "scaled_mm-epilogue", "int8": "gemlite", "int4": "gemlite",
-           "attention": "matmul"}  # attention: the decode attention variant (kernels/attention.py), by batch
+           "attention": "sdpa-gqa"}  # the decode attention variant (kernels/attention.py), by batch size
 # Kinds whose module holds several kernels and picks one per call by the number of tokens in the call (decode
 # steps and prefill of one batch size need different kernels): their table entry is keyed by tokens, not batch.
 BY_TOKENS = ("int4",)

@@ -10,7 +10,8 @@ anywhere and computes the same function; the kernels come from maintained librar
   GEMV_SPLITK, instead of its own pick by rows), torch's tinygemm `_weight_int4pack_mm` (groups 32..256, zero
   point folded into a float offset; "tinygemm-k4"/"-k2": 4 or 2 inner K tiles instead of 8), or "inductor" /
   "inductor-i32": the dequantize-multiply-sum written out for torch.compile to fuse into one reduction kernel
-  over the packed nibbles, 2 per byte or 8 per int32 word (decode only). `Int4Linear.kernel` says which.
+  over the packed nibbles, 2 per byte or 8 per int32 word (decode only; on the H200 0.62-0.77 TB/s against
+  tinygemm's 1.69: kept as a measured option, docs/benchmarks/h200/ run 4). `Int4Linear.kernel` says which.
 - dense: `torch.nn.Linear`.
 Activation quantization formulas are shared by the kernel and reference paths, so their difference is only
 the GEMM's arithmetic.

@@ -155,8 +155,9 @@ def gptq_hessians_in_float64() -> None:
     its integer code flips, GPTQ's error feedback and the next layers' inputs carry it on (measured on the demo
     model: 16% of the codes, perplexity 1.45% apart). Summed in float64, the per-sample float32 products add
     exactly, or with an error 2^29 times below float32's, in any order: one process and N ranks hand the same
-    float32 Hessian to the solve (measured on CPU ranks: the tiny test's codes all equal, the demo's below). No option exists for it (`make_empty_hessian` allocates `GPTQ_PRECISION`, which is also the
-    solve's precision), hence the override of the name GPTQModifier calls. Cost: the Hessians take twice the
+    float32 Hessian to the solve (measured on CPU ranks: the tiny test's and the demo model's codes all equal,
+    docs/benchmarks/cpu-scale). No option exists for it (`make_empty_hessian` allocates `GPTQ_PRECISION`, which
+    is also the solve's precision), hence the override of the name GPTQModifier calls. Cost: the Hessians take twice the
     memory while calibrating (a 28672-column down_proj: 6.6 GB instead of 3.3 GB)."""
     import importlib
 

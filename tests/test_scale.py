@@ -166,11 +166,11 @@ def test_disk_offload_builds_a_calibrated_target(tmp_path):
 def test_two_ranks_give_the_one_process_result(tmp_path):
     """`quantkit build` with model.gpus: 2 (quantkit's launcher, 2 ranks of llm-compressor's distributed
     oneshot; gloo CPU processes stand in for the GPUs) against model.gpus: 1 (one process, no
-    torch.distributed): the same GPTQ checkpoint up to the Hessians' summation order. Layer 0's Hessians see
-    the same activations in both, so its codes are equal; later layers may flip a rounding near a tie (measured:
-    0.4% of the codes). What this catches, measured: every rank calibrating on the same first half of the set
-    (llm-compressor's own split; 25% of the codes differ, layer 0 included) and ranks propagating through
-    layers another rank has not finished writing (no barrier; 7%, layers 1-2 up to 21%)."""
+    torch.distributed): the same GPTQ checkpoint, bit for bit. What this catches, measured: every rank
+    calibrating on the same first half of the set (llm-compressor's own split; 25% of the codes differ, layer 0
+    included), ranks propagating through layers another rank has not finished writing (no barrier; 7%, layers
+    1-2 up to 21%), and float32 Hessians, whose sums depend on the order of the samples (0.36% of the codes
+    here; 16% on the 30-layer demo model)."""
     from quantkit.formats.layouts.compressed_tensors import dequantize, read_compressed_tensors
     from quantkit.store.store import Store
 
@@ -192,16 +192,15 @@ def test_two_ranks_give_the_one_process_result(tmp_path):
         layers[gpus] = read_compressed_tensors(st.materialize(m["id"], tmp_path / f"out{gpus}"))[0]
     assert sorted(layers[1]) == sorted(layers[2]) and len(layers[1]) == 21
     differing = total = 0
+    worst = 0.0
     for name, one in layers[1].items():
         two = layers[2][name]
         assert torch.equal(one.scale, two.scale), name
-        if name.startswith("model.layers.0."):
-            assert torch.equal(one.q, two.q), name
         differing += int((one.q != two.q).sum())
         total += one.q.numel()
         a, b = dequantize(one), dequantize(two)
-        assert float((a - b).norm() / a.norm()) < 0.08, name
-    assert differing / total < 0.01, (differing, total)
+        worst = max(worst, float((a - b).norm() / a.norm()))
+    assert differing == 0 and worst == 0, (differing, total, worst)
 
 
 # ---------------------------------------------------------------- the build planner, offline

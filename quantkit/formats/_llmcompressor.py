@@ -77,6 +77,9 @@ def run_oneshot(ctx, modifiers: list, out_dir: Path, *, calibrate: bool) -> tupl
         return _finish(ctx, out_dir), {}
     from llmcompressor import oneshot
 
+    from quantkit.distributed import gptq_hessians_in_float64
+
+    gptq_hessians_in_float64()  # the same Hessians as N ranks would compute (quantkit/distributed.py says why)
     model = ctx.load_model("layerwise")
     ctx.devices["calibration" if calibrate else "quantize"] = ctx.devices.pop("layerwise")
     kwargs = {}

@@ -5,7 +5,7 @@ The work of each target is counted from the architecture (quantkit/data/architec
 config.json) and the calibration set; the constants that turn work into seconds and bytes are measured
 (quantkit/data/build_costs.yaml says where). Per decoder layer, llm-compressor's sequential pipeline does
   forward   2 x layer params x tokens   (bf16, twice: calibrate, then propagate the quantized output)
-  hessian   2 x tokens x sum(in_features^2) over the layer's linears   (GPTQ, fp32 products summed in fp64)
+  hessian   2 x tokens x sum(in_features^2) over the layer's linears   (GPTQ, accumulated in fp64)
   solve     2 x sum(in_features^2 x out_features)   (GPTQ, fp32)
   grid      n_grid x forward over the cached activations   (AWQ)
 and holds on the GPU one layer's weights, its Hessians (GPTQ) and the activations of the cached inputs.
@@ -123,10 +123,11 @@ def plan_build(arch: Arch, profiles: list[tuple[str, tuple[str, str] | None]], *
             # data-parallel calibration, weight-parallel GPTQ: llm-compressor's 8B runs scale ~0.5x per doubling
             per_layer /= calib_procs ** k.get("gpu_scaling", 0.9)
             secs = per_layer * arch.layers + c["fixed_s"] + weights / (c["load_gb_s"] * GB)
-            # Hessians per linear, accumulated in fp64 (quantkit/distributed.py: gptq_hessians_in_float64); GPTQ's
-            # solve holds further fp32 copies (the inverse) of the one it works on
-            copies = k.get("hessian_copies", 1)
-            hessians = (8 + 4 * (copies - 1)) * sum(i * i for i, _ in arch.linears()) if k.get("hessian") else 0
+            # float64 Hessians per linear (quantkit/distributed.py gptq_hessians_in_float64: ranks reproduce one
+            # process); the solve of one linear adds its float32 copy and inverse: `hessian_copies` x 4 bytes.
+            # The fitted runs (h200-scale/fit.json) predate float64: their GPU peaks were ~1.6 GB (8B) lower.
+            sq = [i * i for i, _ in arch.linears()]
+            hessians = (8 * sum(sq) + 4 * max(sq) * k.get("hessian_copies", 1)) if k.get("hessian") else 0
             layer_gpu = arch.layer_params * dtype_bytes + hessians
             # the first subgraph onloads the embedding, the last the lm_head with one sample's fp32 logits
             embed_gpu = arch.vocab * arch.hidden * dtype_bytes + 6 * seq_len * arch.vocab

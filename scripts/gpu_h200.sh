@@ -25,7 +25,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export QUANTKIT_CACHE=$S/cache QUANTKIT_DATA=$S/data
 PY=${PY:-python3}
-log() { printf '[%4ds] %s\n' $((SECONDS - T0)) "$*"; }
+. "$(dirname "${BASH_SOURCE[0]}")/lanes.sh"   # log, done_ok, poll_lanes
 
 # ---- stash this call's inputs (idempotent) and install wheels not installed yet ----
 [ -d "$G/in" ] && for f in "$G"/in/*; do
@@ -65,7 +65,6 @@ start() {  # start NAME CMD...: once per machine, in its own session
     (cd "$C" && PYTHONPATH=$SITE:$C setsid nohup bash -c "$*; echo \$? > $S/done/$name" \
         >"$S/log/$name.log" 2>&1 < /dev/null &)
 }
-done_ok() { [ -f "$S/done/$1" ]; }
 
 if [ -n "${DRY:-}" ]; then
     BENCH="--tiny --layers 2 --prompt 32 --gen 4 --batches 1,2 --reps 1"
@@ -133,18 +132,7 @@ pack() {
     [ -d "$S/dist" ] && (cd "$S" && tar -czf "$OUT/dist.tar.gz" dist 2>/dev/null)
     { ls "$S/done"; cat "$S/done/machine.txt"; df -h "$S" | tail -1; } > "$OUT/status.txt" 2>&1
 }
-while :; do
-    launch
-    running=""
-    for f in "$S"/done/started-*; do
-        [ -e "$f" ] || continue
-        n=${f##*started-}; done_ok "$n" || running="$running $n"
-    done
-    for n in $running; do log "$n: $(tail -c 300 "$S/log/$n.log" | tr '\n\r' '  ' | tail -c 160)"; done
-    [ -z "$running" ] && { log "no lane running"; break; }
-    [ $((SECONDS - T0)) -ge "$DEADLINE" ] && break
-    sleep $(( DEADLINE - (SECONDS - T0) < 30 ? 5 : 30 ))
-done
+poll_lanes 30
 for n in A B L D D2 X; do [ -f "$S/done/$n" ] && log "lane $n exit $(cat "$S/done/$n")"; done
 pack
 log "packed: $(ls "$OUT" | tr '\n' ' ')"

@@ -33,7 +33,7 @@ export TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 export QUANTKIT_CACHE=$S/cache QUANTKIT_DATA=$S/stash/data QUANTKIT_DEMO_MODEL=$S/stash/tok
 PY=${PY:-python3}
 SITE=${SITE:-/tmp/site}
-log() { printf '[%4ds] %s\n' $((SECONDS - T0)) "$*"; }
+. "$(dirname "${BASH_SOURCE[0]}")/lanes.sh"   # log, done_ok, poll_lanes
 
 # ---- stash this call's carry (every .gpu/c* folder that came) ----
 for c in "$R"/.gpu/c*; do
@@ -71,7 +71,6 @@ if [ ! -f "$S/res/device.txt" ]; then
 fi
 nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader 2>/dev/null | sed 's/^/  gpu /'
 
-done_ok() { [ -f "$S/done/$1" ]; }
 started() { [ -f "$S/done/started-$1" ]; }
 gpu_free() { for g in "$@"; do [ -e "$S/hold/gpu$g" ] && return 1; done; return 0; }
 start() {  # start NAME "GPUS" CMD: once per machine, in its own session; holds GPUS until it ends
@@ -202,18 +201,7 @@ pack() {
     ls "$S"/res/D/report/*.png >/dev/null 2>&1 && cp "$(ls "$S"/res/D/report/*.png | head -1)" "$OUT/pareto.png"
     true
 }
-while :; do
-    launch
-    running=""
-    for f in "$S"/done/started-*; do
-        [ -e "$f" ] || continue
-        n=${f##*started-}; done_ok "$n" || running="$running $n"
-    done
-    for n in $running; do log "$n: $(tail -c 400 "$S/log/$n.log" | tr '\n\r' '  ' | tail -c 150)"; done
-    [ -z "$running" ] && [ -z "${WAIT_ALL:-}" ] && { log "no lane running"; break; }
-    [ $((SECONDS - T0)) -ge "$DEADLINE" ] && break
-    sleep $(( DEADLINE - (SECONDS - T0) < 20 ? 5 : 20 ))
-done
+poll_lanes 20
 for n in L X8 B M XD D G E; do done_ok "$n" && log "lane $n exit $(cat "$S/done/$n")"; done
 for n in X8 XD; do [ -f "$S/res/$n/summary.md" ] && { echo "== $n"; cat "$S/res/$n/summary.md"; }; done
 [ -f "$S/res/B/summary.md" ] && { echo "== B"; cat "$S/res/B/summary.md"; }

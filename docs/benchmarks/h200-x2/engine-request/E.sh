@@ -1,4 +1,4 @@
-# The engine helper's request (/work/wt/engine/GPU_REQUEST.md; main at b0e661c or later), as lane E of
+# The engine helper's request (GPU_REQUEST.md of the engine helper; main at b0e661c or later), as lane E of
 # scripts/gpu_session.sh on GPU 0 (CUDA_VISIBLE_DEVICES=0, OUT=$S/res/E, REPO = this call's code copy).
 # Its command unchanged, except the wheel install: its .whl set (gemlite 0.6.0.post2, compressed-tensors 0.19.0,
 # pydantic 2.14.4, pydantic-core 2.50.5, annotated-types 0.8.0, typing-inspection 0.4.5, loguru 0.7.3) is

@@ -54,7 +54,7 @@ demo: setup model
 # stay on one worker (its shared fixtures are built once), the heaviest files start first.
 TEST_WORKERS ?= 2
 test: setup model
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 # The inner loop (< 3 min on 2 cores): deselects `slow` (see tests/conftest.py for the marker rule).
 check: setup

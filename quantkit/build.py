@@ -113,6 +113,7 @@ def _stage(result: BuildResult, name: str):
         yield
     result.stages.append({"stage": name, "wall_s": round(time.perf_counter() - t0, 2),
                           "cpu_s": round(_cpu_s() - c0, 2), "peak_rss_mb": round(peak.peak, 1),
+                          "peak_anon_mb": round(peak.anon, 1), "peak_file_mb": round(peak.file, 1),
                           "rss_start_mb": round(r0, 1), "rss_end_mb": round(current_rss_mb(), 1)})
 
 

@@ -267,7 +267,8 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
     if produced.entry == str(ctx.source.path):
         manifest["total_size"] = 0
     with _stage(result, f"{opts.name}: publish"):
-        published = st.publish(staging if produced.entry != str(ctx.source.path) else None, manifest)
+        published = st.publish(staging if produced.entry != str(ctx.source.path) else None, manifest,
+                               link=True)  # staging is removed just below: the store may take its files
     shutil.rmtree(staging, ignore_errors=True)
     console.print(f"  published {published['id']} ({published['total_size'] / 1e6:.1f} MB)")
     release_memory()  # before the next target loads its model

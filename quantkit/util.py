@@ -85,6 +85,21 @@ def host_info() -> dict[str, Any]:
             "cpus": os.cpu_count(), "python": sys.version.split()[0]}
 
 
+def cpu_threads() -> int:
+    """Math threads for CPU work (torch, llama.cpp's tools): OMP_NUM_THREADS when it is set, which is this process's
+    share of the cores (a pytest-xdist worker, a Ray task, a CI job next to others), else every core it may run on.
+    Why: more busy-waiting OpenMP threads than cores (two 2-thread processes on 2 cores) spin at every parallel
+    region; measured with OMP_NUM_THREADS=1 overridden to 2: SmolLM2's GPTQ pass took ~30 CPU-s per decoder layer
+    instead of ~2 (docs/benchmarks/cpu-2core/tests.md)."""
+    share = os.environ.get("OMP_NUM_THREADS", "")
+    if share.isdigit() and int(share) > 0:
+        return int(share)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def peak_rss_mb() -> float:
     """Peak resident set of this process (ru_maxrss is KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

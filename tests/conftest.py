@@ -51,16 +51,29 @@ def pytest_collection_modifyitems(config, items):
         heaviest_files_first(items)
 
 
+# CPU seconds per file, measured one file at a time with one thread (a worker's share) on the 2-core machine
+# (docs/benchmarks/cpu-2core/tests.md, 2026-11-30 evening): only the order is taken from them.
+MEASURED_CPU_S = {"tests/test_formats_llmc.py": 310, "tests/test_gguf.py": 149, "tests/test_trtllm.py": 136,
+                  "tests/test_gguf_import_archs.py": 131, "tests/test_arch_matrix.py": 107,
+                  "tests/test_smollm2.py": 62, "tests/test_scale.py": 53, "tests/test_ray_executor.py": 33}
+
+
 def heaviest_files_first(items: list) -> None:
     """`make test` (pytest-xdist, --dist loadfile --no-loadscope-reorder): a file's tests stay on one worker, so
     module-scoped fixtures (a shared build, converted GGUFs) are made once, not once per worker, and files are
-    handed out in collection order. The files with the most `slow` tests go first, so the fast lane's short
-    files fill in at the end while the other worker finishes."""
+    handed out in collection order, each to the first worker with (almost) nothing left. The costliest files go
+    first (measured, above), so the longest never starts last; then the files with the most `slow` tests; the
+    fast lane's short files fill in at the end while the other worker finishes."""
     slow_in: dict[str, int] = {}
     for item in items:
         f = item.nodeid.split("::")[0]
         slow_in[f] = slow_in.get(f, 0) + (item.get_closest_marker("slow") is not None)
-    items.sort(key=lambda item: -slow_in[item.nodeid.split("::")[0]])  # stable: a file's order is kept
+
+    def cost(item) -> tuple[int, int]:
+        f = item.nodeid.split("::")[0]
+        return -MEASURED_CPU_S.get(f, 0), -slow_in[f]
+
+    items.sort(key=cost)  # stable: a file's order is kept
 
 
 @pytest.fixture(scope="session")

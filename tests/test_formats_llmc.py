@@ -210,15 +210,25 @@ def test_pin_memory_workaround_is_scoped():
 
 # ---------------------------------------------------------------- slow: SmolLM2-135M (hidden 576, intermediate 1536)
 
-SMOL_EVAL = "{perplexity: {datasets: [wikitext2], seq_len: 512, max_windows: 8}}"
-# 16 x 256 C4 calibration tokens keep CI's CPU time near 5 min for the whole build. Measured here (wikitext2,
-# 8 x 512): symmetric GPTQ g64 is no better than round-to-nearest on this model (43.5 vs 44.1; its weights come
-# from a Q4_1 GGUF, whose grid is asymmetric), asymmetric GPTQ is (35.9 vs 40.8), so the test's GPTQ target is
-# asymmetric like AWQ's and both are compared with asymmetric round-to-nearest.
+SMOL_WINDOWS = 4
+SMOL_EVAL = f"{{perplexity: {{datasets: [wikitext2], seq_len: 512, max_windows: {SMOL_WINDOWS}}}}}"
+# 16 x 256 C4 calibration tokens. Measured here (wikitext2, 8 x 512): symmetric GPTQ g64 is no better than
+# round-to-nearest on this model (43.5 vs 44.1; its weights come from a Q4_1 GGUF, whose grid is asymmetric),
+# asymmetric GPTQ is (35.9 vs 40.8), so the test's GPTQ target is asymmetric like AWQ's and both are compared with
+# asymmetric round-to-nearest.
+# Sized for CI's 2 cores (issue 13; one xdist worker, one thread; measured under load, nice 10):
+# - INT8 W8A8 is SmoothQuant + round-to-nearest here: with GPTQ (the format's default, still built by the tiny
+#   test above) its produce took 969 s (~690 CPU-s) against 28 s, and it landed at +2.92 % (8 windows), 0.08
+#   points from the 3 % bound, where SmoothQuant + RTN gives +1.41 % (+1.28 % on the first 4 windows).
+# - 4 windows of 512, not 8: per-window NLLs of an 8-window run, first 4: baseline 30.96, GPTQ 37.28 (+20.4 %),
+#   AWQ 38.70 (+25.0 %), RTN g64 41.18, g128-fallback 41.03; GPTQ and AWQ below RTN in each of the 4 windows
+#   (smallest gap 0.013 nats, AWQ window 3).
+# - AWQ grid 5 points, not 10 (cost is grid points x calibration tokens): 37.66 vs 37.45 on 8 windows, the same
+#   ordering in every window.
 SMOL_TARGETS = """\
-  - {name: int8-w8a8, format: int8, scheme: w8a8}
+  - {name: int8-w8a8, format: int8, scheme: w8a8, algorithm: rtn}
   - {name: gptq-w4-g64, format: gptq, group_size: 64, symmetric: false, export: [gptq]}
-  - {name: awq-w4-g64, format: awq, group_size: 64, n_grid: 10, export: [awq]}
+  - {name: awq-w4-g64, format: awq, group_size: 64, n_grid: 5, export: [awq]}
   - {name: rtn-w4-g64, format: gptq, algorithm: rtn, group_size: 64, symmetric: false}
   - {name: rtn-w4-g128-fallback, format: gptq, algorithm: rtn, group_size: 128, symmetric: false, indivisible: fallback}"""
 

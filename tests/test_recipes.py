@@ -46,6 +46,8 @@ BAD = {
     "bad target name": (GOOD.replace("- name: fp8-dynamic", "- name: 'has space'"), [":8:", "targets[0].name"]),
     "awq option on a non-AWQ scheme": (GOOD.replace("format: fp8", "format: trtllm\n    scheme: fp8\n"
                                                     "    awq_alpha_step: 0.25"), [":8:", "awq_alpha_step", "int4_awq"]),
+    "resmooth scoring on fp8": (GOOD.replace("format: fp8", "format: trtllm\n    scheme: fp8\n"
+                                             "    score_as_calibrated: true"), [":8:", "score_as_calibrated", "fp8"]),
 }
 
 

@@ -151,7 +151,14 @@ def test_unusable_schemes_are_refused_by_recipe_validate(tmp_path, scheme, expec
 
 TARGETS = """\
   - {name: trt-fp8, format: trtllm, scheme: fp8}
-  - {name: trt-int4-awq-g64, format: trtllm, scheme: int4_awq, group_size: 64}"""
+  - {name: trt-int4-awq-g64, format: trtllm, scheme: int4_awq, group_size: 64, awq_alpha_step: 0.25}"""
+# 4 windows of 512, not 8, and awq_lite's alpha grid at 5 points (the demo's; default 11), for CI's 2 cores
+# (issue 13): each model here is scored 2-3 times (baseline, fake-quant, decoded export), so windows are most of
+# this build's cost. The bounds below hold with room on 4: the demo recipe's run of the same two targets (16 x 256
+# calibration, step 0.25; per-window NLLs), first 4 of 8 windows: FP8 +2.66 % (bound 0..5 %; per window
+# -0.002..+0.047 nats against the baseline), INT4-AWQ +30.1 % (bound 50 %). The decoded-export agreement (0.1 %)
+# compares two scorings of the same windows, whatever their number.
+WINDOWS = 4
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +171,7 @@ model: {{source: {smollm2}, dtype: float32}}
 calibration: {{dataset: c4, num_samples: 8, seq_len: 256, seed: 0}}
 targets:
 {TARGETS}
-eval: {{perplexity: {{datasets: [wikitext2], seq_len: 512, max_windows: 8}}}}
+eval: {{perplexity: {{datasets: [wikitext2], seq_len: 512, max_windows: {WINDOWS}}}}}
 store: {{uri: {tmp / 'store'}}}
 """)
     r = run_cli("build", str(recipe), "--json", "--report-dir", str(tmp / "rep"))

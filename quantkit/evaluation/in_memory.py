@@ -4,7 +4,7 @@ model, destroyed by its own export), on the windows the build scores. Offered to
 `perplexity-agrees` check later compares the exported artifact with."""
 from __future__ import annotations
 
-import os
+from quantkit.util import cpu_threads
 
 
 def verification_spec(recipe) -> tuple[str, int, int | None]:
@@ -21,7 +21,7 @@ def score_in_memory(ctx, model) -> dict:
 
     dataset, seq_len, max_windows = verification_spec(ctx.recipe)
     windows = make_windows(dataset, ctx.tokenizer, ctx.tokenizer_fingerprint, seq_len, max_windows)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cpu_threads())
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     batch = ctx.recipe.eval.perplexity.batch_size if ctx.recipe.eval.perplexity else 1
     rec = perplexity(TransformersEngine(), Loaded(model, str(model.device), dtype), windows, batch)

@@ -54,9 +54,9 @@ def safetensors_tensor_bytes(directory: Path, float_bytes: int | None = None) ->
 
 
 def gguf_tensor_bytes(path: Path) -> dict[str, int]:
-    from gguf import GGUFReader
+    from quantkit.toolchain.gguf_file import gguf_summary
 
-    return {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
+    return {t.name: t.n_bytes for t in gguf_summary(path).tensors}
 
 
 def weight_bytes(path: Path, entry: str = ".", float_bytes: int | None = None) -> dict:

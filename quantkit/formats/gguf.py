@@ -32,6 +32,7 @@ from quantkit.formats.base import Check, Format, Produced, TargetOptions, regist
 from quantkit.sources.remote_code import EXIT_REFUSED, MARKER
 from quantkit.sources.remote_code import FIX as REMOTE_FIX
 from quantkit.toolchain import llama_cpp as toolchain
+from quantkit.toolchain.gguf_file import gguf_summary
 
 FLOAT_TYPES = ("F32", "F16", "BF16")  # written directly by the converter
 # Types whose quantizer ignores an importance matrix (float copies; ggml's quantize_q8_0 drops quant_weights):
@@ -197,18 +198,13 @@ def quantize(src: Path, dst: Path, qtype: str, *, imatrix: Path | None, threads:
 
 def gguf_facts(path: Path) -> dict:
     """What was actually written: tensor type mix, parameter count, bits per weight, key metadata."""
-    import gguf
-
-    r = gguf.GGUFReader(str(path))
-    mix = Counter(t.tensor_type.name for t in r.tensors)
-    n_params = sum(int(t.n_elements) for t in r.tensors)
-    n_bytes = sum(int(t.n_bytes) for t in r.tensors)
-    meta = {k: r.fields[k].contents() for k in ("general.architecture", "general.file_type",
-                                                 "tokenizer.ggml.model", "tokenizer.ggml.pre")
-            if k in r.fields}
-    return {"tensor_types": dict(sorted(mix.items(), key=lambda kv: -kv[1])), "tensors": len(r.tensors),
+    g = gguf_summary(path)
+    mix = Counter(t.type for t in g.tensors)
+    n_params = sum(t.n_elements for t in g.tensors)
+    n_bytes = sum(t.n_bytes for t in g.tensors)
+    return {"tensor_types": dict(sorted(mix.items(), key=lambda kv: -kv[1])), "tensors": len(g.tensors),
             "n_params": n_params, "tensor_bytes": n_bytes, "bits_per_weight": round(8 * n_bytes / n_params, 4),
-            "file_size": path.stat().st_size, "metadata": meta}
+            "file_size": path.stat().st_size, "metadata": dict(g.metadata)}
 
 
 @register

@@ -13,9 +13,10 @@ proven three ways before it is published, by evaluation checks this format decla
 
 Export-time resmoothing: for AWQ/SmoothQuant, `export_hf_checkpoint` first averages `pre_quant_scale` across
 layers that share an input (q/k/v, gate/up), re-quantizes them and folds the scale into the preceding norm,
-because TRT-LLM fuses those layers. That changes the numbers, so the fake-quant perplexity is measured twice:
-as calibrated, and after ModelOpt's own `requantize_resmooth_fused_llm_layers` (the model the export writes).
-The 0.5% agreement is asserted against the latter; both are recorded.
+because TRT-LLM fuses those layers. That changes the numbers, so the fake-quant perplexity the 0.5% agreement is
+asserted against is measured after ModelOpt's own `requantize_resmooth_fused_llm_layers` (the model the export
+writes). `score_as_calibrated: true` also scores the model before that step (one more perplexity pass, recorded
+as `fake_quant.ppl_as_calibrated`): what the fusion costs in quality.
 """
 from __future__ import annotations
 
@@ -66,11 +67,15 @@ class TRTLLMOptions(TargetOptions):
     # AWQ schemes: ModelOpt's awq_lite tries alpha = 0, step, 2*step, ... 1 per layer (default step 0.1, 11 tries);
     # a coarser step is proportionally cheaper to calibrate
     awq_alpha_step: float | None = Field(None, gt=0, le=1)
+    # AWQ/SmoothQuant schemes: also score the fake-quant model before export's resmoothing (one more pass)
+    score_as_calibrated: bool = False
 
     @model_validator(mode="after")
     def _alpha_step_needs_awq(self):
         if self.awq_alpha_step is not None and "awq" not in self.scheme:
             raise ValueError(f"awq_alpha_step applies to the AWQ schemes (int4_awq, w4a8_awq), not {self.scheme}")
+        if self.score_as_calibrated and SCHEMES[self.scheme].quant_algo == "FP8":
+            raise ValueError("score_as_calibrated applies to the schemes export resmooths (AWQ, SmoothQuant), not fp8")
         return self
 
     @field_validator("scheme")
@@ -149,7 +154,7 @@ class TRTLLM(Format):
         info["quantize_s"] = round(time.perf_counter() - t0, 1)
 
         fake, t0 = {}, time.perf_counter()
-        if scheme.quant_algo != "FP8":  # FP8 layers are not resmoothed at export: one measurement suffices
+        if opts.score_as_calibrated and scheme.quant_algo != "FP8":  # FP8 layers are not resmoothed at export
             with _exporter_fp8_rounding():
                 fake["ppl_as_calibrated"] = ctx.score_in_memory(model)["ppl"]
         with contextlib.redirect_stdout(sys.stderr):

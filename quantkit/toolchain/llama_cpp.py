@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from quantkit.errors import UserError
+from quantkit.util import cpu_threads
 
 # Single source of truth: scripts/setup_llama_cpp.sh greps this exact line.
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -56,11 +57,8 @@ def build_key(backend: str) -> str:
 
 
 def default_threads() -> int:
-    """Threads for llama.cpp's tools: the cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """Threads for llama.cpp's tools: this process's share of the cores (quantkit.util.cpu_threads)."""
+    return cpu_threads()
 
 
 def _cache_root() -> Path:

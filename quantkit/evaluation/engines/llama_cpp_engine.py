@@ -18,6 +18,7 @@ from pathlib import Path
 from quantkit.evaluation.engines import register_engine
 from quantkit.evaluation.latency import ttft_summary
 from quantkit.toolchain import llama_cpp as toolchain
+from quantkit.toolchain.gguf_file import gguf_summary
 from quantkit.toolchain.llama_cpp import default_threads
 from quantkit.toolchain.llama_cpp_scorer import open_scorer
 from quantkit.util import library_versions
@@ -114,24 +115,11 @@ class LlamaCppEngine:
 
     def describe(self, handle: Loaded) -> dict:
         return {"engine": "llama.cpp", "device": "cuda" if _gpu_layers() else "cpu",
-                "dtype": gguf_file_type(handle.path), "threads": handle.threads,
+                "dtype": gguf_summary(handle.path).file_type(), "threads": handle.threads,
                 # the sdist's vendored llama.cpp has no git metadata (llama-bench says commit "unknown"): the pin is
                 # the version
                 "versions": {**library_versions(),
                              "llama.cpp": f"vendored in llama-cpp-python {toolchain.LLAMA_CPP_PYTHON_VERSION}"}}
-
-
-def gguf_file_type(path: Path) -> str:
-    import gguf
-
-    r = gguf.GGUFReader(str(path))
-    f = r.fields.get("general.file_type")
-    if f is None:
-        return "unknown"
-    try:
-        return gguf.LlamaFileType(int(f.contents())).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except ValueError:
-        return str(f.contents())
 
 
 def llama_perplexity(model_path: Path | str, text_file: Path, n_ctx: int = 512, chunks: int | None = None,

@@ -22,6 +22,7 @@ from pathlib import Path
 from quantkit import architectures
 from quantkit.evaluation.engines import register_engine
 from quantkit.evaluation.engines.transformers_engine import Loaded, TransformersEngine
+from quantkit.util import cpu_threads
 
 FP8_MAX = 448.0
 KV_ATTENTION = "quantkit_fp8_kv"
@@ -197,11 +198,9 @@ class ModelOptReferenceEngine:
         self._scorer = TransformersEngine()
 
     def load(self, path: Path, entry: str = ".", dtype: str = "auto", trust_remote_code: bool = False) -> Loaded:
-        import os
-
         import torch
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(cpu_threads())
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # decoded weights are exact in fp32; on a GPU bf16 is what a server would run
         torch_dtype = torch.bfloat16 if device == "cuda" and dtype in ("auto", "bfloat16") else torch.float32

@@ -5,14 +5,13 @@ are labelled `transformers-eager`.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from quantkit.evaluation.engines import register_engine
 from quantkit.evaluation.latency import device_label, speed_record, ttft_summary
-from quantkit.util import library_versions
+from quantkit.util import cpu_threads, library_versions
 
 
 @dataclass
@@ -30,7 +29,7 @@ class TransformersEngine:
         import torch
         from transformers import AutoModelForCausalLM
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(cpu_threads())
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # On CPU, 16-bit matmuls are slow and some kernels missing: evaluate dense weights in fp32 there.
         want = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

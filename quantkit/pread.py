@@ -1,5 +1,5 @@
 """Read safetensors checkpoints with pread(2), not through a memory map, while llm-compressor's model-free path
-(compressed-tensors' shard loader) reads them.
+(compressed-tensors' shard loader) reads them; and let that path free each input tensor once it is quantized.
 
 That loader opens each checkpoint shard memory-mapped and copies every tensor out of the mapping; the pages it
 read stay resident in the process until the shard's file is closed, after the whole shard is loaded, so each
@@ -39,3 +39,28 @@ def pread_checkpoints(modules: tuple[str, ...] = LOADERS) -> Iterator[None]:
     finally:
         for mod in patched:
             mod.safe_open = safe_open
+
+
+@contextlib.contextmanager
+def shard_inputs_released() -> Iterator[None]:
+    """llm-compressor's model-free converter (`ModelFreePtqConverter.process`) deletes each input tensor from its
+    dict once the tensor is quantized, so that a shard's inputs give way to its smaller outputs, but it deletes
+    them from the copy `split_fused_moe_experts` returns, while the caller's dict (`_process_shard`'s
+    `tensors`) still holds every input until the shard is done: all inputs, all outputs and the largest
+    tensor's float32 transients at once. Emptying the caller's dict once the copy exists leaves the copy the
+    only holder (nothing reads the old dict again: the caller rebinds `tensors` to the converter's result).
+    Measured: see docs/benchmarks/cpu-scale/README.md (model-free)."""
+    from llmcompressor.entrypoints.model_free import converter
+
+    split = converter.split_fused_moe_experts
+
+    def split_and_release(tensors):
+        out = split(tensors)
+        tensors.clear()
+        return out
+
+    converter.split_fused_moe_experts = split_and_release
+    try:
+        yield
+    finally:
+        converter.split_fused_moe_experts = split

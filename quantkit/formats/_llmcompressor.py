@@ -183,9 +183,10 @@ def run_model_free(ctx, config, out_dir: Path) -> None:
     groups = dict(sorted(config.config_groups.items(), key=lambda kv: "Linear" in kv[1].targets))
     config = config.model_copy(update={"ignore": ignore, "config_groups": groups})
     ctx.devices["quantize"] = f"llm-compressor model-free (shard by shard, no model built) on {pl.compute}"
-    from quantkit.pread import pread_checkpoints
+    from quantkit.pread import pread_checkpoints, shard_inputs_released
 
-    with pread_checkpoints():  # one shard's tensors in memory, not also its mapped file
+    # one shard's tensors in memory, not also its mapped file; each input freed once quantized
+    with pread_checkpoints(), shard_inputs_released():
         model_free_ptq(str(ctx.source.path), str(out_dir), config=config, device=device, max_workers=1)
     for extra in ("quantkit-import.json", "quantkit-dummy.json", RANDOM_WEIGHTS_MARKER):  # the source's
         (out_dir / extra).unlink(missing_ok=True)

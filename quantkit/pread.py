@@ -12,6 +12,7 @@ memory-mapped: its tensors are views of the mapping, each page resident once, re
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 from collections.abc import Iterator
 
@@ -48,13 +49,17 @@ def shard_inputs_released() -> Iterator[None]:
     them from the copy `split_fused_moe_experts` returns, while the caller's dict (`_process_shard`'s
     `tensors`) still holds every input until the shard is done: all inputs, all outputs and the largest
     tensor's float32 transients at once. Emptying the caller's dict once the copy exists leaves the copy the
-    only holder (nothing reads the old dict again: the caller rebinds `tensors` to the converter's result).
+    only holder (nothing reads the old dict again: the caller rebinds `tensors` to the converter's result);
+    and collect the previous shard's garbage first (below).
     Measured: see docs/benchmarks/cpu-scale/README.md (model-free)."""
     from llmcompressor.entrypoints.model_free import converter
 
     split = converter.split_fused_moe_experts
 
     def split_and_release(tensors):
+        # the previous shard's quantized modules live on in reference cycles (module <-> its observer) with
+        # their outputs until the cyclic collector happens to run: free them before this shard's transients
+        gc.collect()
         out = split(tensors)
         tensors.clear()
         return out

@@ -3,6 +3,7 @@ launcher (gloo, 2 ranks), the build planner offline, and a bounded-memory regres
 whole-model copy per target comes back."""
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -311,3 +312,45 @@ def test_no_calibrated_target_model_outlives_its_target(tiny_llama, tmp_path, mo
     run_build(load_recipe(recipe), progress=Watch())
     assert len(loads) == 4, loads
     assert survivors == {"fp8-static": 0, "int8-w8a8": 0, "gptq-w4": 0, "awq-w4": 0}, survivors
+
+
+def test_model_free_frees_each_input_once_quantized_and_writes_the_same_checkpoint(tiny_llama, tmp_path,
+                                                                                     monkeypatch):
+    """`quantkit.pread.shard_inputs_released` (model-free under 0.3 x the model, docs/benchmarks/cpu-scale): while
+    llm-compressor quantizes a shard's tensors one by one, the inputs it already quantized are freed (before,
+    the caller's dict held every input of the shard until the shard was done), and the checkpoint is byte for
+    byte what llm-compressor writes alone."""
+    import weakref
+
+    import llmcompressor.entrypoints.model_free.converter as conv
+    from llmcompressor import model_free_ptq
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    from quantkit.pread import pread_checkpoints, shard_inputs_released
+
+    cfg = QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC",
+                               ignore=["lm_head", "re:.*embed_tokens"]).resolve_quantization_config()
+    done: list = []  # weak references to the inputs quantized so far
+    still_alive: list[int] = []  # at each tensor's quantization: how many of the earlier inputs are alive
+    initialize = conv.initialize_quantized_linear
+
+    def watched(weight, *a, **kw):
+        still_alive.append(sum(ref() is not None for ref in done))
+        done.append(weakref.ref(weight))
+        return initialize(weight, *a, **kw)
+
+    monkeypatch.setattr(conv, "initialize_quantized_linear", watched)
+    outs, alive = {}, {}
+    for name, released in (("plain", False), ("released", True)):
+        done.clear()
+        still_alive.clear()
+        with pread_checkpoints(), (shard_inputs_released() if released else contextlib.nullcontext()):
+            model_free_ptq(str(tiny_llama), str(tmp_path / name), config=cfg, device="cpu", max_workers=1)
+        outs[name] = {p.name: p.read_bytes() for p in (tmp_path / name).glob("*.safetensors")}
+        alive[name] = list(still_alive)
+    n = len(alive["plain"])
+    # every earlier input of the shard held until the shard ends (the counts restart with each shard)
+    assert n > 4 and alive["plain"][:7] == list(range(7)), alive
+    assert alive["released"] == [0] * n, alive  # each freed once quantized
+    assert outs["released"] == outs["plain"] and outs["plain"]
+    assert conv.split_fused_moe_experts.__name__ == "split_fused_moe_experts"  # put back after the call

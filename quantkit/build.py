@@ -113,6 +113,7 @@ def _stage(result: BuildResult, name: str):
         yield
     result.stages.append({"stage": name, "wall_s": round(time.perf_counter() - t0, 2),
                           "cpu_s": round(_cpu_s() - c0, 2), "peak_rss_mb": round(peak.peak, 1),
+                          "peak_anon_mb": round(peak.anon, 1), "peak_file_mb": round(peak.file, 1),
                           "rss_start_mb": round(r0, 1), "rss_end_mb": round(current_rss_mb(), 1)})
 
 
@@ -266,7 +267,8 @@ def _build_one(ctx: BuildContext, st: Store, plan: Plan, wants: list[Want], cons
     if produced.entry == str(ctx.source.path):
         manifest["total_size"] = 0
     with _stage(result, f"{opts.name}: publish"):
-        published = st.publish(staging if produced.entry != str(ctx.source.path) else None, manifest)
+        published = st.publish(staging if produced.entry != str(ctx.source.path) else None, manifest,
+                               link=True)  # staging is removed just below: the store may take its files
     shutil.rmtree(staging, ignore_errors=True)
     console.print(f"  published {published['id']} ({published['total_size'] / 1e6:.1f} MB)")
     release_memory()  # before the next target loads its model

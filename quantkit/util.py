@@ -130,18 +130,25 @@ def current_rss_mb() -> float:
 
 
 class StagePeak:
-    """Peak RSS inside one stage: ru_maxrss only knows the whole process, so sample /proc every 20 ms."""
+    """Peak RSS inside one stage: ru_maxrss only knows the whole process, so sample /proc every 20 ms. With the
+    peak, its split at that moment: anonymous (tensors, heap) and file-backed (mapped safetensors, libraries),
+    which says whether a peak is copies of the weights or their mapped pages."""
 
     def __init__(self):
         import threading
 
-        self.peak = current_rss_mb()
+        self.peak, self.anon, self.file = _rss_split_mb()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self):
+        total, anon, file = _rss_split_mb()
+        if total > self.peak:
+            self.peak, self.anon, self.file = total, anon, file
+
     def _run(self):
         while not self._stop.wait(0.02):
-            self.peak = max(self.peak, current_rss_mb())
+            self._sample()
 
     def __enter__(self):
         self._thread.start()
@@ -150,7 +157,15 @@ class StagePeak:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, current_rss_mb())
+        self._sample()
+
+
+def _rss_split_mb() -> tuple[float, float, float]:
+    """(resident, anonymous, file-backed + shared) in MB from /proc/self/statm (cheap enough for 20 ms)."""
+    with open("/proc/self/statm") as f:
+        resident, shared = (int(x) for x in f.read().split()[1:3])
+    page = os.sysconf("SC_PAGE_SIZE") / 2**20
+    return resident * page, (resident - shared) * page, shared * page
 
 
 def quiet_llmcompressor() -> None:

@@ -86,12 +86,19 @@ def build(work: Path, name: str, model_dir: Path, dtype: str, targets: str, pyth
                       "calibration: {num_samples: 16, seq_len: 256}\nbaseline: false\n"
                       f"targets:\n{targets}\neval: {{perplexity: null}}\nstore: {{uri: {work / ('store-' + name)}}}\n")
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, str(ROOT / "scripts/build_peak.py"), "build", str(recipe)],
+    p = subprocess.run([sys.executable, str(ROOT / "scripts/build_peak.py"), "build", str(recipe), "--json",
+                        "--report-dir", str(work / f"reports-{name}")],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(pythonpath)})
     rec = json.loads(p.stderr.strip().splitlines()[-1])
     if rec["exit"] != 0:
         sys.exit(f"{name} failed:\n{p.stderr[-3000:]}")
     rec["process_wall_s"] = round(time.perf_counter() - t0, 1)
+    rec["load_avg_after"] = os.getloadavg()
+    out = p.stdout[p.stdout.find("\n{") + 1:] if not p.stdout.startswith("{") else p.stdout
+    try:  # each stage's peak RSS and its anon / file-backed split at that moment (quantkit build --json)
+        rec["stages"] = [{k: v for k, v in s.items() if k != "cpu_s"} for s in json.loads(out)["stages"]]
+    except (ValueError, KeyError):  # an older checkout (--old) without --json stages
+        pass
     return rec
 
 
@@ -108,10 +115,12 @@ def main() -> int:
     work = Path(os.environ.get("SCALE_WORK", "/tmp/bench-scale"))
     work.mkdir(parents=True, exist_ok=True)
     a.out.mkdir(parents=True, exist_ok=True)
-    res: dict = {"host": {"machine": platform.machine(), "cpus": os.cpu_count()}, "argv": sys.argv}
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    res: dict = {"host": {"machine": platform.machine(), "cpus": os.cpu_count()}, "argv": sys.argv,
+                 "commit": commit.strip(), "load_avg_start": os.getloadavg()}
     if a.only in (None, "four"):
-        tiny = materialize(arch(work, "tiny", hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                num_key_value_heads=2, head_dim=16, num_hidden_layers=1), "float32")
+        tiny = materialize(arch(work, "tiny", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=32, num_hidden_layers=1), "float32")  # 128: group 128 divides it
         big = materialize(arch(work, "big", hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
                                num_key_value_heads=4, head_dim=128, num_hidden_layers=8), "float32")
         calib = 16 * 256 * 8 * 2

@@ -48,8 +48,8 @@ def install(point: str) -> None:
     else:
         put = writer.put_blob
 
-        def put_blob(self, local, dest: str) -> None:
-            put(self, local, dest)
+        def put_blob(self, local, dest: str, **kw) -> None:
+            put(self, local, dest, **kw)
             count()
 
         writer.put_blob = put_blob

@@ -9,11 +9,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import run_cli
 from quantkit.store.store import Store
 
-from quantkit.toolchain.llama_cpp import LLAMA_CPP_PYTHON_VERSION, binding
+from quantkit.toolchain.llama_cpp import LLAMA_CPP_PYTHON_VERSION, backend_of, binding, find_tool
 
 gguf = pytest.importorskip("gguf")
 llama_cpp = binding()  # the pure-Python binding on the cached build's libllama
@@ -94,6 +95,17 @@ def test_variants_and_manifests(built):
     assert 14 <= im["chunks"] <= 16 and im["entries"] == 210, im  # 30 layers x 7 linears (tied lm_head: none)
     assert imat["info"]["quantized_by"] == "llama-quantize" and "quantized_by" not in by_name["gguf-f16"]["info"]
     assert sorted(f["path"] for f in imat["files"]) == sorted([imat["entry"], "imatrix.gguf"])
+    for name in ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-imat-q4_k_m"):  # where each stage ran (issue 10)
+        devices = by_name[name]["build"]["devices"]
+        assert devices["convert"] == "cpu (convert_hf_to_gguf.py)", devices
+        assert ("quantize" in devices) == (name != "gguf-f16")
+        assert ("importance matrix" in devices) == (name == "gguf-imat-q4_k_m"), devices
+    where, backend = imat["build"]["devices"]["importance matrix"], backend_of(find_tool("llama-imatrix"))
+    if backend == "cuda" and torch.cuda.is_available():  # the GPU, named
+        assert where.startswith(f"cuda:0 ({torch.cuda.get_device_name(0)})") or " x " in where, where
+    else:
+        why = "no CUDA device visible" if backend == "cuda" else f"llama.cpp {backend} build"
+        assert where == f"cpu ({why}; {imat['info']['threads']} threads)", where
     for m in by_name.values():
         if m["engine"] != "llama.cpp":
             continue

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,6 +127,55 @@ def test_manifest_is_written_once(store_uri):
     assert st.writer.create_bytes(b'{"id": "first"}', path) is True
     assert st.writer.create_bytes(b'{"id": "second"}', path) is False  # conditional PUT / os.link refused
     assert json.loads(st.fs.cat_file(path)) == {"id": "first"}
+
+
+def _ino(p) -> int:
+    return os.stat(p).st_ino
+
+
+def test_a_builds_staging_is_linked_into_a_local_store_not_copied(tmp_path):
+    """publish(link=True), as a build publishes its staging directory: on the same filesystem each blob is the
+    staging file's own inode (no second write of the artifact). A file that has another name elsewhere (a
+    cache, a source checkpoint) and a symlink are copied, since they could change in place under that name.
+    Deleting the staging leaves every blob whole (verify, pull); without link=True the store copies."""
+    st = Store(str(tmp_path / "store"))
+    staging = make_artifact(tmp_path / "stage", 1)
+    elsewhere, target = tmp_path / "cache.bin", tmp_path / "target.bin"
+    elsewhere.write_bytes(b"cached " * 1000)
+    target.write_bytes(b"symlinked " * 1000)
+    os.link(elsewhere, staging / "hardlinked.bin")
+    (staging / "symlinked.bin").symlink_to(target)
+    before = {p.relative_to(staging).as_posix(): p.read_bytes() for p in staging.rglob("*") if p.is_file()}
+    m = st.publish(staging, fake_manifest("ln.t.1"), link=True)
+    blob = {f["path"]: st.blob_path(f["sha256"]) for f in m["files"]}
+    for name in [*SHARED, *UNIQUE]:
+        assert _ino(blob[name]) == _ino(staging / name), name  # taken, not copied
+    assert _ino(blob["hardlinked.bin"]) != _ino(elsewhere)
+    assert _ino(blob["symlinked.bin"]) != _ino(target)
+    assert not os.listdir(st._p("tmp"))  # every link renamed into place
+    shutil.rmtree(staging)
+    elsewhere.write_bytes(b"changed " * 1000)  # in place, under its other name
+    target.write_bytes(b"changed " * 1000)
+    assert st.verify() == []
+    pulled = st.materialize("ln.t.1", tmp_path / "pulled")
+    assert {n: (pulled / n).read_bytes() for n in before} == before
+    m2 = st.publish(make_artifact(tmp_path / "copied", 2), fake_manifest("ln.t.2"))  # link=False: copies
+    name = "model-00001.safetensors"
+    assert _ino(st.blob_path(next(f["sha256"] for f in m2["files"] if f["path"] == name))) != \
+        _ino(tmp_path / "copied" / name)
+
+
+def test_linking_across_filesystems_falls_back_to_a_copy(tmp_path):
+    """A staging directory on another filesystem than the store (here /dev/shm, a tmpfs): no hard link is
+    possible, the files are copied and the entry is complete."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs a second filesystem (/dev/shm) beside the test's tmp dir")
+    with tempfile.TemporaryDirectory(dir=shm) as d:
+        staging = make_artifact(Path(d), 3)
+        m = Store(str(tmp_path / "store")).publish(staging, fake_manifest("ln.x.1"), link=True)
+        assert len(m["files"]) == len(SHARED) + len(UNIQUE)
+    assert Store(str(tmp_path / "store")).verify() == []
 
 
 # -- pull, push, rm, gc, list ----------------------------------------------------------------------------------

@@ -152,11 +152,31 @@ def _vocab_wrapper(model_dir: Path) -> list[str]:
     return [str(Path(__file__).with_name("_gguf_vocab.py")), source]
 
 
+def imatrix_placement(gguf_path: Path, threads: int) -> tuple[list[str], str]:
+    """(llama-imatrix's offload arguments, where it runs: the manifest's record). Decided here, not left to
+    llama.cpp's `-ngl auto`, so the record says what ran: a CPU build computes on the CPU; a CUDA build puts
+    every layer on the GPU(s) when the model fits (as quantkit's own whole-model forwards do), else as many
+    layers as fit, the rest on the CPU."""
+    from quantkit.placement import probe, whole_model_device_map
+
+    backend = toolchain.backend_of(toolchain.find_tool("llama-imatrix"))
+    host = probe() if backend == "cuda" else None
+    if host is None or not host.cuda_devices:
+        why = "no CUDA device visible" if backend == "cuda" else f"llama.cpp {backend} build"
+        return (["-ngl", "0"] if backend == "cuda" else []), f"cpu ({why}; {threads} threads)"
+    device_map, where = whole_model_device_map(gguf_path.stat().st_size, host)
+    if device_map == {"": 0}:
+        return ["-ngl", "all", "-sm", "none", "-mg", "0"], f"{where}, every layer (llama.cpp CUDA build, -ngl all)"
+    return ["-ngl", "auto"], (f"{host.cuda_devices} x {host.gpu_name}: the layers that fit, the rest on the CPU "
+                              "(llama.cpp CUDA build, -ngl auto)")
+
+
 def compute_imatrix(ctx, gguf_path: Path, threads: int) -> tuple[Path, dict]:
     """llama-imatrix over the shared calibration windows (as text) -> imatrix GGUF (cached per build)."""
     import gguf
 
     calib = ctx.calibration
+    offload, ctx.devices["importance matrix"] = imatrix_placement(gguf_path, threads)
     out = _workfile(ctx, f"imatrix-{ctx.source.fingerprint[:12]}-{calib.fingerprint[:12]}.gguf")
     n, seq_len = calib.input_ids.shape
     meta = {"method": "llama-imatrix over the calibration windows (decoded, re-tokenized by llama.cpp)",
@@ -166,7 +186,7 @@ def compute_imatrix(ctx, gguf_path: Path, threads: int) -> tuple[Path, dict]:
         text.write_text("".join(ctx.tokenizer.decode(row, skip_special_tokens=False) for row in calib.input_ids))
         part = out.with_suffix(".part.gguf")
         proc = toolchain.run_tool("llama-imatrix", ["-m", gguf_path, "-f", text, "-c", seq_len, "--chunks", n,
-                                                    "-t", threads, "-o", part, "--no-ppl"],
+                                                    "-t", threads, "-o", part, "--no-ppl", *offload],
                                   log_path=_workfile(ctx, "llama-imatrix.log"))
         over = re.search(r"computing over (\d+) chunks", proc.stdout + proc.stderr)
         (out.parent / (out.name + ".chunks")).write_text(over.group(1) if over else "")
@@ -250,10 +270,13 @@ class GGUF(Format):
             info["imatrix"] = {"used": True, "file": "imatrix.gguf", **imat_meta}
         else:
             info["imatrix"] = {"used": False}
+        # llama.cpp's converter and llama-quantize are CPU programs, whatever the build
+        ctx.devices["convert"] = "cpu (convert_hf_to_gguf.py)"
         if qtype in FLOAT_TYPES and not overrides:
             shutil.copyfile(src, out)  # the converter's output is the artifact
             log = []
         else:
+            ctx.devices["quantize"] = f"cpu (llama-quantize, {threads} threads)"
             log = quantize(src, out, qtype, imatrix=imat, threads=threads,
                            output_tensor_type=opts.output_tensor_type, token_embedding_type=opts.token_embedding_type,
                            log_path=_workfile(ctx, f"llama-quantize-{opts.name}.log"))

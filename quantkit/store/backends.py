@@ -1,7 +1,8 @@
 """How a write becomes visible all at once on each kind of fsspec filesystem.
 
 Two write operations cover the store; nothing is ever overwritten with different bytes:
-    put_blob(local, dest)     content-addressed, so writing it twice is harmless (idempotent replace)
+    put_blob(local, dest)     content-addressed, so writing it twice is harmless (idempotent replace); a
+                              build's own staging file is hard-linked into a local store on its filesystem
     create_bytes(data, dest)  write-once (manifests, eval records): False, not an error, when dest exists
 
 local disk   a temporary name under <root>/tmp, then os.replace (atomic); write-once through os.link, which
@@ -19,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 
@@ -69,7 +71,10 @@ class Writer:
         if not self.object_store:
             self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
 
-    def put_blob(self, local: Path, dest: str) -> None:
+    def put_blob(self, local: Path, dest: str, link: bool = False) -> None:
+        """`link`: local's bytes are the caller's to give away (a build's staging file, deleted after the
+        publish and never written again): a local store takes them by hard link when it is on the same
+        filesystem, with no copy. The link lands under tmp/ and is renamed into place like a copy."""
         if self.object_store:
             self.fs.put_file(str(local), dest)
             return
@@ -77,7 +82,8 @@ class Writer:
         if self.local:
             os.makedirs(self.tmp_dir, exist_ok=True)
             tmp = self._tmp()
-            shutil.copyfile(local, tmp)
+            if not (link and _hard_link(local, tmp)):
+                shutil.copyfile(local, tmp)
             os.replace(tmp, dest)
             return
         tmp = self._tmp()
@@ -133,3 +139,17 @@ class Writer:
                 os.utime(dest)
             except OSError:
                 pass
+
+
+def _hard_link(src: Path, dest: str) -> bool:
+    """False where there is no hard link to be had (another filesystem, or one without links): copy then.
+    Only a plain file with no other name is taken: a symlink, or a file also linked from elsewhere (a source
+    checkpoint, a cache), could later be changed in place under its other name, and the blob with it."""
+    try:
+        st = os.lstat(src)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            return False
+        os.link(src, dest, follow_symlinks=False)
+        return True
+    except OSError:
+        return False

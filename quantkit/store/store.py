@@ -90,24 +90,28 @@ class Store:
     def has_blob(self, digest: str) -> bool:
         return self.fs.exists(self.blob_path(digest))
 
-    def put_blob(self, local: Path, digest: str) -> bool:
-        """Store local's bytes under digest unless present; True if bytes were written."""
+    def put_blob(self, local: Path, digest: str, link: bool = False) -> bool:
+        """Store local's bytes under digest unless present; True if bytes were written. `link`: see
+        Writer.put_blob (local's file is the caller's to give away)."""
         dest = self.blob_path(digest)
         self.create()
         if self.fs.exists(dest):
             self.writer.touch(dest)  # a reused blob counts as fresh for `gc --older-than`
             return False
-        self.writer.put_blob(local, dest)
+        self.writer.put_blob(local, dest, link=link)
         return True
 
-    def publish(self, staging: Path | None, manifest: dict) -> dict:
-        """Upload staging's files as blobs, then the manifest (with file list, sizes, hashes) last."""
+    def publish(self, staging: Path | None, manifest: dict, link: bool = False) -> dict:
+        """Upload staging's files as blobs, then the manifest (with file list, sizes, hashes) last. `link`: the
+        staging directory is the caller's to give away (deleted after this, never written again), so a local
+        store on the same filesystem hard-links its files instead of copying them (a build's artifact: no
+        second write of gigabytes). A file is hashed through the same inode the blob becomes."""
         self.create()
         paths = sorted(p for p in staging.rglob("*") if p.is_file()) if staging is not None else []
 
         def upload(f: Path) -> dict:
             digest = sha256_file(f)
-            self.put_blob(f, digest)
+            self.put_blob(f, digest, link=link)
             return {"path": f.relative_to(staging).as_posix(), "size": f.stat().st_size, "sha256": digest}
 
         with ThreadPoolExecutor(THREADS) as pool:
@@ -122,7 +126,7 @@ class Store:
         # write; put back whatever is missing now that the manifest protects it
         for p, f in zip(paths, files):
             if not self.has_blob(f["sha256"]):
-                self.writer.put_blob(p, self.blob_path(f["sha256"]))
+                self.writer.put_blob(p, self.blob_path(f["sha256"]), link=link)
         return self.get(manifest["id"])
 
     def add_eval(self, artifact_id: str, metric: dict) -> str:

@@ -119,8 +119,9 @@ def main() -> int:
     res: dict = {"host": {"machine": platform.machine(), "cpus": os.cpu_count()}, "argv": sys.argv,
                  "commit": commit.strip(), "load_avg_start": os.getloadavg()}
     if a.only in (None, "four"):
+        # the overhead model: width 128, so that GPTQ's group of 128 divides it
         tiny = materialize(arch(work, "tiny", hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                                num_key_value_heads=2, head_dim=32, num_hidden_layers=1), "float32")  # 128: group 128 divides it
+                                num_key_value_heads=2, head_dim=32, num_hidden_layers=1), "float32")
         big = materialize(arch(work, "big", hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
                                num_key_value_heads=4, head_dim=128, num_hidden_layers=8), "float32")
         calib = 16 * 256 * 8 * 2

@@ -13,12 +13,13 @@
 #   X8  GPU 0+1  scripts/gpu_distributed.sh: dummy Llama-3.1-8B, $X8_LAYERS layers, GPTQ W4 g128, 1 vs 2 GPUs
 #   (the lanes below start once both of X8's timed builds are over)
 #   B   GPU 1    scripts/bench_scale_gpu.py --jobs $B_JOBS (issue 10's one-GPU targets)
-#   E   GPU 0    the engine helper's request: $S/stash/E.sh (carried as E.sh), run with OUT=$S/res/E
+#   E   GPU 1    after B: the engine helper's request: $S/stash/E.sh (carried as E.sh), run with OUT=$S/res/E
 #   M   CPU      the demo model: GGUF parts -> scripts/gguf_import_checked.py (tensor hashes = the CPU import's)
-#   XD  GPU 0+1  scripts/gpu_distributed.sh on the demo model (real weights), ppl 1 vs 2 ranks; after E, holds
-#                GPU 0 and shares GPU 1 with B (its timings are not the point: its perplexities are)
-#   D   GPU 0    recipes/smollm2-135m-h200.yaml after XD: every target, report, Pareto PNG, cross-check, plan
-#   G   CPU, then GPU 1 after B: scripts/gguf_bench_gpu.sh on X8's 32-layer dummy checkpoint (F16/Q8_0/Q4_K_M)
+#   XD  GPU 0+1  scripts/gpu_distributed.sh on the demo model (real weights), ppl 1 vs 2 ranks; holds GPU 0 and
+#                shares GPU 1 with B (its timings are not the point: its perplexities are)
+#   D   GPU 0    recipes/smollm2-135m-h200.yaml after XD: every target in one process (its report), then one
+#                process per target if that failed, the store-wide report, Pareto PNG, cross-check, plan
+#   G   (RUN_G=1) CPU, then GPU 1 after B: scripts/gguf_bench_gpu.sh on X8's 32-layer dummy checkpoint
 # DRY=1: a CPU rehearsal (tiny shapes, no GPU, the CPU llama.cpp build). FAKE=1: the schedule alone.
 set -u
 R="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -90,9 +91,10 @@ start() {  # start NAME "GPUS" CMD: once per machine, in its own session; holds 
 }
 
 VENV=$($PY -c 'import sys; print(sys.prefix)')
-JOBS=${JOBS:-8}           # llama.cpp compile jobs: 8 of 32 cores, the rest stay with the timed lanes
+JOBS=${JOBS:-12}          # llama.cpp compile jobs: 12 of 32 cores, the rest stay with the timed lanes
 X8_LAYERS=${X8_LAYERS:-32}
-B_JOBS=${B_JOBS:-8b:gptq-w4-g128,8b:direct-gptq,8b:fp8-static,8b:w4a16-rtn,70b:fp8-dynamic,8b:trtllm-fp8,8b:trtllm-int4-awq,8b:gguf-q4km,8b:awq-w4-g128,8b:direct-awq}
+# run 5: what run 4 left (trtllm-int4-awq on the GPU, the imatrix placement) and the quantkit / direct pairs
+B_JOBS=${B_JOBS:-8b:gptq-w4-g128,8b:direct-gptq,8b:trtllm-int4-awq,8b:gguf-q4km,8b:awq-w4-g128,8b:direct-awq}
 DEMO_RECIPE=recipes/smollm2-135m-h200.yaml
 XD_ENV="SAMPLES=16 SEQ_LEN=256 EXTRA_ARGS='--dtype float32 --ppl 8 --no-sanity-check'"
 if [ -n "${DRY:-}" ]; then
@@ -104,12 +106,11 @@ if [ -n "${DRY:-}" ]; then
     printf '%s\n' "extends: smollm2-135m-h200.yaml" "calibration: {num_samples: 4, seq_len: 64}" \
         "eval: {perplexity: {max_windows: 2}, throughput: {prompt_len: 16, gen_len: 4, batch_sizes: [1], repetitions: 1}}" \
         > "$C/recipes/dry-h200.yaml"
-    DEMO_GROUPS=("--target fp8-dynamic" "--target gguf")
+    DEMO_GROUPS=("")
 else
     X8_ENV="LAYERS=$X8_LAYERS"
     B_ARGS=""
-    DEMO_GROUPS=("--target fp8-dynamic --target fp8-static --target int8-w8a8 --target gptq-w4g64 --target gptq-w4g64-asym --target awq-w4g64"
-                 "--target trtllm-fp8" "--target trtllm-int4-awq" "--target gguf")
+    DEMO_GROUPS=("")  # every target in one process (its report is the table); a failure falls back below
 fi
 
 x8_builds_done() {  # both timed builds of X8 are over (its artifact comparison runs on the CPU after them)
@@ -154,12 +155,12 @@ launch() {
         start B "1" "CUDA_VISIBLE_DEVICES=${B_GPU:-1} SCALE_WORK=$S/work/scale $PY scripts/bench_scale_gpu.py \
             --out $S/res/B --deadline 100000 --jobs $B_JOBS $B_ARGS; cp $S/work/scale/logs/*.log $S/res/B/ 2>/dev/null; true"
     fi
-    # E: the engine helper's request (carried as E.sh), GPU 0, alone on it
-    if [ -f "$S/stash/E.sh" ] && gpu_free 0; then
-        start E "0" "cd $S/stash && mkdir -p $S/res/E && CUDA_VISIBLE_DEVICES=0 OUT=$S/res/E REPO=$C SITE=$SITE bash E.sh"
+    # E: the engine helper's request (carried as E.sh), GPU 1 once lane B is over, alone on it
+    if [ -f "$S/stash/E.sh" ] && done_ok B && gpu_free 1; then
+        start E "1" "cd $S/stash && mkdir -p $S/res/E && CUDA_VISIBLE_DEVICES=1 OUT=$S/res/E REPO=$C SITE=$SITE bash E.sh"
     fi
     # XD: the demo model, 1 rank vs 2 ranks: same perplexity (within 0.1 %); holds GPU 0, shares GPU 1 with B
-    if done_ok M && { done_ok E || ! [ -f "$S/stash/E.sh" ]; } && gpu_free 0; then
+    if done_ok M && gpu_free 0; then
         start XD "0" "SOURCE=$S/models/smollm2-135m-instruct LAYERS=0 $XD_ENV DIST_PACK=$S/stash DIST_WORK=$S/work/distD \
             BUDGET=1200 OUT=$S/res/XD NO_WHEELS=1 bash scripts/gpu_distributed.sh"
     fi
@@ -173,6 +174,10 @@ launch() {
             i=$((i + 1))
             GROUPS_CMD="$GROUPS_CMD { time $DQ $grp; } > $S/res/D/build-$i.log 2>&1; echo \"build-$i ($grp) rc \$?\" >> $S/res/D/rc.txt;"
         done
+        # a target that fails stops its process: the rest then run one process each (built ones come from the store)
+        GROUPS_CMD="$GROUPS_CMD if grep -q 'rc [1-9]' $S/res/D/rc.txt; then for t in \$($PY -c \"from quantkit.recipe.loader \
+            import load_recipe; print(' '.join(t.name for t in load_recipe('$DEMO_RECIPE').recipe.targets))\"); do \
+            { time $DQ --target \$t; } > $S/res/D/build-\$t.log 2>&1; echo \"build \$t rc \$?\" >> $S/res/D/rc.txt; done; fi;"
         start D "0" "$GROUPS_CMD \
             $PY scripts/store_report.py $S/store smollm2-135m-h200 $S/res/D/report > $S/res/D/report.log 2>&1; \
             echo report rc \$? >> $S/res/D/rc.txt; \
@@ -184,7 +189,7 @@ launch() {
     # G: the 8B GGUF F16/Q8_0/Q4_K_M of X8's 32-layer dummy checkpoint: convert + quantize on the CPU now, the
     # llama.cpp CUDA benches on GPU 1 once lane B is done (the script waits for $S/done/G-gpu)
     DENSE=$(ls -d "$S"/cache/dummy/*-L32-*/ 2>/dev/null | head -1)
-    if [ -n "$DENSE" ] && done_ok L; then
+    if [ -n "${RUN_G:-}" ] && [ -n "$DENSE" ] && done_ok L; then  # run 4 measured it: RUN_G=1 to repeat
         start G "" "touch ${DENSE%/}/.ready; GGUF_GPU=1 GGUF_WORK=$S/work/gguf8b THREADS=8 \
             bash scripts/gguf_bench_gpu.sh ${DENSE%/} $S/res/G $S/done/G-gpu"
     fi

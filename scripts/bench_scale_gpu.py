@@ -23,8 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-def recipe(path: Path, name: str, source: str, layers: int, samples: int, seq_len: int, store: Path) -> Path:
-    path.write_text(f"""name: {name}
+def recipe(path: Path, name: str, source: str, layers: int, samples: int, seq_len: int, store: Path,
+           only: set[str] | None = None) -> Path:
+    """only: the target names to keep (a recipe with a gguf target needs the llama.cpp tools to load at all)."""
+    text = f"""name: {name}
 model: {{source: "{source}", layers: {layers}, dtype: bfloat16}}
 calibration: {{dataset: c4, num_samples: {samples}, seq_len: {seq_len}, seed: 0}}
 baseline: false
@@ -40,7 +42,11 @@ targets:
   - {{name: gguf-q4km, format: gguf, types: [Q4_K_M], imatrix: true, llama_cpp_ppl_chunks: 0}}
 eval: {{perplexity: null}}
 store: {{uri: {store}}}
-""")
+"""
+    if only is not None:
+        text = "\n".join(ln for ln in text.splitlines()
+                         if not ln.startswith("  - {name: ") or ln.split(",")[0].split(": ")[1] in only) + "\n"
+    path.write_text(text)
     return path
 
 
@@ -119,8 +125,9 @@ def main() -> int:
     if a.jobs:
         jobs = [tuple(j.split(":")) for j in a.jobs.split(",")]
         shapes = {k: v for k, v in shapes.items() if any(k == s for s, _ in jobs)}
-    recipes = {k: recipe(work / f"scale-{k}.yaml", f"scale-{k}-L{n}", src, n, samples, seq_len, work / f"store-{k}")
-               for k, (src, n) in shapes.items()}
+    only = {j for _, j in jobs} if a.jobs else None
+    recipes = {k: recipe(work / f"scale-{k}.yaml", f"scale-{k}-L{n}", src, n, samples, seq_len, work / f"store-{k}",
+                         only) for k, (src, n) in shapes.items()}
     build = [PY, str(ROOT / "scripts/build_peak.py"), "build"]
     results: list[dict] = []
     # the dummy checkpoints first, each in its own process (drawn on the GPU, written once)
@@ -137,6 +144,16 @@ def main() -> int:
         if left < 30:
             results.append({"shape": shape, "job": job, "skipped": "deadline"})
             continue
+        if job.startswith("gguf"):  # the llama.cpp build may still be compiling beside this lane (gpu_session.sh)
+            from quantkit.toolchain.llama_cpp import find_tool
+
+            while time.monotonic() - start < a.deadline - 60:
+                try:
+                    find_tool("llama-quantize")
+                    break
+                except Exception:
+                    time.sleep(10)
+            left = a.deadline - (time.monotonic() - start)
         if job.startswith("direct-"):
             if calib is None:
                 calib = calibration_file(samples, seq_len)

@@ -13,6 +13,7 @@
 #   X8  GPU 0+1  scripts/gpu_distributed.sh: dummy Llama-3.1-8B, $X8_LAYERS layers, GPTQ W4 g128, 1 vs 2 GPUs
 #   (the lanes below start once both of X8's timed builds are over)
 #   B   GPU 1    scripts/bench_scale_gpu.py --jobs $B_JOBS (issue 10's one-GPU targets)
+#   B0  GPU 0    the same with $B0_JOBS, when set (while lane D waits for llama.cpp)
 #   E   GPU 1    after B: the engine helper's request: $S/stash/E.sh (carried as E.sh), run with OUT=$S/res/E
 #   M   CPU      the demo model: GGUF parts -> scripts/gguf_import_checked.py (tensor hashes = the CPU import's)
 #   XD  GPU 0+1  scripts/gpu_distributed.sh on the demo model (real weights), ppl 1 vs 2 ranks; holds GPU 0 and
@@ -73,11 +74,13 @@ fi
 nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader 2>/dev/null | sed 's/^/  gpu /'
 
 started() { [ -f "$S/done/started-$1" ]; }
+wanted() { [ -z "${LANES:-}" ] || [[ " $LANES " == *" $1 "* ]]; }  # LANES="L X8": only these lanes
+over() { done_ok "$1" || ! wanted "$1"; }  # a lane this session does not run counts as over
 gpu_free() { for g in "$@"; do [ -e "$S/hold/gpu$g" ] && return 1; done; return 0; }
 start() {  # start NAME "GPUS" CMD: once per machine, in its own session; holds GPUS until it ends
     local name=$1 gpus=$2; shift 2
     started "$name" && return 0
-    [ -n "${LANES:-}" ] && [[ " $LANES " != *" $name "* ]] && return 0  # LANES="L X8": only these
+    wanted "$name" || return 0
     touch "$S/done/started-$name"
     # FAKE=1: a scheduling rehearsal; each lane sleeps and leaves what its successors look for
     [ -n "${FAKE:-}" ] && set -- "sleep ${FAKE_S:-3}; case $name in X8) echo '\"2\": {' > $S/res/X8/results.json; \
@@ -114,6 +117,7 @@ else
 fi
 
 x8_builds_done() {  # both timed builds of X8 are over (its artifact comparison runs on the CPU after them)
+    wanted X8 || return 0
     done_ok X8 || grep -q '"2": {' "$S/res/X8/results.json" 2>/dev/null
 }
 launch() {
@@ -155,6 +159,11 @@ launch() {
         start B "1" "CUDA_VISIBLE_DEVICES=${B_GPU:-1} SCALE_WORK=$S/work/scale $PY scripts/bench_scale_gpu.py \
             --out $S/res/B --deadline 100000 --jobs $B_JOBS $B_ARGS; cp $S/work/scale/logs/*.log $S/res/B/ 2>/dev/null; true"
     fi
+    # B0: more one-GPU targets on GPU 0 while lane D waits for llama.cpp (B0_JOBS; run 5: the AWQ pair, 70B GPTQ)
+    if [ -n "${B0_JOBS:-}" ] && gpu_free 0; then
+        start B0 "0" "CUDA_VISIBLE_DEVICES=0 SCALE_WORK=$S/work/scale0 $PY scripts/bench_scale_gpu.py \
+            --out $S/res/B0 --deadline 100000 --jobs $B0_JOBS $B_ARGS; cp $S/work/scale0/logs/*.log $S/res/B0/ 2>/dev/null; true"
+    fi
     # E: the engine helper's request (carried as E.sh), GPU 1 once lane B is over, alone on it
     if [ -f "$S/stash/E.sh" ] && done_ok B && gpu_free 1; then
         start E "1" "cd $S/stash && mkdir -p $S/res/E && CUDA_VISIBLE_DEVICES=1 OUT=$S/res/E REPO=$C SITE=$SITE bash E.sh"
@@ -166,7 +175,7 @@ launch() {
     fi
     # D: the demo recipe on GPU 0, one process per group of targets (a target that fails stops its process only;
     # GGUF alone: its process may meet the binding), then the report + Pareto PNG from the store, cross-check, plan
-    if done_ok XD && done_ok L && gpu_free 0; then
+    if over XD && done_ok M && done_ok L && gpu_free 0; then
         DQ="CUDA_VISIBLE_DEVICES=0 $PY -m quantkit.cli build $DEMO_RECIPE --store $S/store --report-dir $S/res/D/report"
         GROUPS_CMD=""
         i=0
@@ -207,8 +216,8 @@ pack() {
     true
 }
 poll_lanes 20
-for n in L X8 B M XD D G E; do done_ok "$n" && log "lane $n exit $(cat "$S/done/$n")"; done
+for n in L X8 B B0 M XD D G E; do done_ok "$n" && log "lane $n exit $(cat "$S/done/$n")"; done
 for n in X8 XD; do [ -f "$S/res/$n/summary.md" ] && { echo "== $n"; cat "$S/res/$n/summary.md"; }; done
-[ -f "$S/res/B/summary.md" ] && { echo "== B"; cat "$S/res/B/summary.md"; }
+for n in B B0; do [ -f "$S/res/$n/summary.md" ] && { echo "== $n"; cat "$S/res/$n/summary.md"; }; done
 pack
 log "packed: $(ls "$OUT" | tr '\n' ' ')"

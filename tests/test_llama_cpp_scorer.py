@@ -61,3 +61,37 @@ def test_child_scores_like_this_process_and_loads_no_torch(tiny_gguf, monkeypatc
     assert c0 == c1 == 3 * 47
     assert t1 == pytest.approx(t0, rel=1e-9)
     assert 1000 < np.exp(t0 / c0) < 1e6  # finite, near the vocabulary size: a random model
+
+
+def test_a_child_killed_by_a_signal_with_the_model_on_the_gpu_is_rescored_on_the_cpu(tiny_gguf, capfd):
+    """H200 run 5: the GPU child died of SIGSEGV. Here the child is killed with SIGSEGV for real; the scorer must start
+    a CPU child (GPUs hidden), score the same row again to the same NLL, say so, and label the device."""
+    import os
+    import signal
+
+    from quantkit.toolchain.llama_cpp_scorer import ChildScorer
+
+    row = np.random.default_rng(1).integers(3, 49000, size=40).tolist()
+    ref = ChildScorer(tiny_gguf, 40, 2, 0)
+    expected = ref.score(row)
+    ref.close()
+    assert ref.device == "cpu" and ref.fallback_reason is None
+
+    s = ChildScorer(tiny_gguf, 40, 2, 99)  # a CPU build keeps the layers on the CPU whatever -ngl says
+    assert s.device == "cuda"
+    first = s.proc
+    os.kill(first.pid, signal.SIGSEGV)
+    first.wait(timeout=30)
+    assert s.score(row) == pytest.approx(expected, rel=1e-9)
+    assert s.device == "cpu" and s.proc is not first
+    assert s.fallback_reason == f"the scoring process died of signal {int(signal.SIGSEGV)} with the model on the GPU"
+    assert "scoring on the CPU instead" in capfd.readouterr().err
+    assert s.score(row) == pytest.approx(expected, rel=1e-9)  # the CPU child stays for the next rows
+    s.close()
+    assert s.proc.returncode == 0
+
+    cpu = ChildScorer(tiny_gguf, 40, 2, 0)  # on the CPU already: a crash is an error, not a retry
+    os.kill(cpu.proc.pid, signal.SIGSEGV)
+    cpu.proc.wait(timeout=30)
+    with pytest.raises(RuntimeError, match="exited -11"):
+        cpu.score(row)

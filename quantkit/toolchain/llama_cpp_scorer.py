@@ -57,6 +57,8 @@ def score_row(llm, row: list[int]) -> float:
 class InProcessScorer:
     def __init__(self, model_path: Path, n_ctx: int, threads: int, n_gpu_layers: int):
         self.llm = open_llama(model_path, n_ctx, threads, n_gpu_layers)
+        self.device = "cuda" if n_gpu_layers else "cpu"
+        self.fallback_reason = None
 
     def score(self, row: list[int]) -> float:
         return score_row(self.llm, row)
@@ -66,27 +68,62 @@ class InProcessScorer:
 
 
 class ChildScorer:
-    """The same scoring in a child interpreter that imports no torch; one JSON line per row each way."""
+    """The same scoring in a child interpreter that imports no torch; one JSON line per row each way.
+
+    A child that dies of a signal with the model on the GPU (H200 run 5: SIGSEGV, cause not yet known) is started
+    once more with the GPUs hidden and the model on the CPU, and the row is scored again: the numbers are the same
+    computation, `device` says where it ran, and the log says why."""
 
     def __init__(self, model_path: Path, n_ctx: int, threads: int, n_gpu_layers: int):
+        self.args = (str(model_path), str(n_ctx), str(threads))
+        self.device = "cuda" if n_gpu_layers else "cpu"
+        self.fallback_reason = None
+        self._start(n_gpu_layers)
+
+    def _start(self, n_gpu_layers: int) -> None:
         root = str(Path(__file__).resolve().parents[2])  # the quantkit this process runs
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen([sys.executable, "-m", "quantkit.toolchain.llama_cpp_scorer", str(model_path),
-                                      str(n_ctx), str(threads), str(n_gpu_layers)], stdin=subprocess.PIPE,
+        if self.fallback_reason:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        # faulthandler: a crash prints the child's Python stack on its stderr (the build log)
+        self.proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "quantkit.toolchain.llama_cpp_scorer",
+                                      *self.args, str(n_gpu_layers)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
-        self.torch_in_child = self._read()["torch_loaded"]
+        reply = self._read()
+        if reply is None:
+            return self._restart_on_cpu()
+        self.torch_in_child = reply["torch_loaded"]
 
-    def _read(self) -> dict:
+    def _read(self) -> dict | None:
+        """The child's next reply; None once it has exited."""
         while line := self.proc.stdout.readline():
             if line.startswith(MARK):  # anything else on the child's stdout is the library talking
                 return json.loads(line[len(MARK):])
-        code = self.proc.wait()
-        raise RuntimeError(f"llama.cpp scoring process exited {code} (its stderr is above)")
+        self.proc.wait()
+        return None
+
+    def _restart_on_cpu(self) -> None:
+        code = self.proc.returncode
+        if code >= 0 or self.device == "cpu":
+            raise RuntimeError(f"llama.cpp scoring process exited {code} (its stderr is above)")
+        self.fallback_reason = f"the scoring process died of signal {-code} with the model on the GPU"
+        print(f"llama.cpp: {self.fallback_reason}; scoring on the CPU instead", file=sys.stderr, flush=True)
+        self.device = "cpu"
+        self._start(0)
 
     def score(self, row: list[int]) -> float:
-        self.proc.stdin.write(json.dumps(row) + "\n")
-        self.proc.stdin.flush()
-        return self._read()["nll"]
+        for _ in range(2):
+            try:
+                self.proc.stdin.write(json.dumps(row) + "\n")
+                self.proc.stdin.flush()
+                reply = self._read()
+            except BrokenPipeError:
+                self.proc.wait()
+                reply = None
+            if reply is not None:
+                return reply["nll"]
+            self._restart_on_cpu()
+        raise AssertionError("unreachable: the CPU restart raises or scores")
 
     def close(self) -> None:
         if self.proc.poll() is None:

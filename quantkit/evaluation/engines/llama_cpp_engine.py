@@ -36,6 +36,7 @@ class Loaded:
     path: Path
     threads: int
     scorers: dict = field(default_factory=dict)  # n_ctx -> scorer: the context is sized by the window length
+    scored_on: dict = field(default_factory=dict)  # where the last windows were scored (a crashed GPU child: cpu)
 
     def scorer(self, n_ctx: int):
         """In this process, or in a child without torch where the CUDA build crashes beside it
@@ -82,6 +83,8 @@ class LlamaCppEngine:
                 total += scorer.score(row)
                 count += length - 1
                 bar.advance(task)
+        handle.scored_on = {"device": scorer.device,
+                            **({"fallback": scorer.fallback_reason} if scorer.fallback_reason else {})}
         return total, count
 
     def throughput(self, handle: Loaded, spec) -> dict:
@@ -114,7 +117,7 @@ class LlamaCppEngine:
                 "n_ubatch": pp["n_ubatch"]}
 
     def describe(self, handle: Loaded) -> dict:
-        return {"engine": "llama.cpp", "device": "cuda" if _gpu_layers() else "cpu",
+        return {"engine": "llama.cpp", "device": "cuda" if _gpu_layers() else "cpu", **handle.scored_on,
                 "dtype": gguf_summary(handle.path).file_type(), "threads": handle.threads,
                 # the sdist's vendored llama.cpp has no git metadata (llama-bench says commit "unknown"): the pin is
                 # the version

@@ -29,6 +29,7 @@ def main() -> int:
     ap.add_argument("--torch-first", action="store_true", help="import torch and initialise CUDA first")
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--n-vocab", type=int, default=None, help="the GGUF's vocabulary size (child path; default 49152)")
     a = ap.parse_args()
     step(f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r} LD_LIBRARY_PATH="
          f"{os.environ.get('LD_LIBRARY_PATH', '')!r}")
@@ -52,16 +53,22 @@ def main() -> int:
     from quantkit.toolchain.llama_cpp_scorer import needs_child, open_llama
 
     step(f"n_gpu_layers the engine asks for: {_gpu_layers()}; the engine scores in a child: {needs_child()}")
-    step("opening the context in this process (Llama(...))")
-    llm = open_llama(a.gguf, a.seq_len, 4, _gpu_layers())
-    n_vocab = llm.n_vocab()
-    step(f"context open: n_vocab {n_vocab}")
-    del llm
+    if needs_child():  # what the engine does: no in-process context beside torch (H200 runs 4-5: SIGSEGV)
+        step("no in-process context (the engine scores in a child here)")
+        n_vocab = 49152 if a.n_vocab is None else a.n_vocab
+    else:
+        step("opening the context in this process (Llama(...))")
+        llm = open_llama(a.gguf, a.seq_len, 4, _gpu_layers())
+        n_vocab = llm.n_vocab()
+        step(f"context open: n_vocab {n_vocab}")
+        del llm
     eng = LlamaCppEngine()
     handle = eng.load(a.gguf.parent, a.gguf.name)
     ids = np.random.default_rng(0).integers(10, n_vocab - 10, size=(a.windows, a.seq_len))
     nll, count = eng.nll(handle, ids, label="diag")
-    step(f"scored {count} tokens through the engine: ppl {np.exp(nll / count):.2f}")
+    scorer = handle.scorers[a.seq_len]
+    step(f"scored {count} tokens through the engine ({type(scorer).__name__}, scored on {scorer.device}"
+         f"{', ' + scorer.fallback_reason if scorer.fallback_reason else ''}): ppl {np.exp(nll / count):.2f}")
     step(f"describe: {eng.describe(handle)}")
     step("OK")
     return 0

@@ -6,7 +6,8 @@ CUDA build of llama.cpp segfaults while loading a BPE vocabulary whenever torch 
 process (GPUs visible or not): libllama's std::regex resolves a libstdc++ locale symbol into libggml-cuda.so.
 Without torch the same call works. So where the build is CUDA and torch is loaded, the engine scores through
 `ChildScorer`: one child process per open context (this module run with `-m`), fed token rows as JSON lines.
-This module imports numpy and quantkit.toolchain.llama_cpp only (no torch), so the child stays clean.
+This module imports quantkit.toolchain.llama_cpp only (numpy later, inside functions; never torch): the child
+stays clean.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from quantkit.toolchain import llama_cpp as toolchain
+
+# numpy is imported inside the functions: the child loads llama.cpp's libraries before numpy's, the order of the
+# one torch-free process proven to work on the GPU host (scripts/llama_binding_diag.py, H200 runs 4 and 5)
 
 MARK = "quantkit-llama-score "  # prefix of the child's reply lines
 
@@ -35,8 +37,10 @@ def open_llama(model_path: Path | str, n_ctx: int, threads: int, n_gpu_layers: i
                     n_gpu_layers=n_gpu_layers, verbose=False)
 
 
-def token_nll(logits: np.ndarray, targets: list[int], rows_per_step: int = 128) -> float:
+def token_nll(logits, targets: list[int], rows_per_step: int = 128) -> float:
     """Sum of -log softmax(logits)[target], computed as llama.cpp does (float32 exp, float64 sum)."""
+    import numpy as np
+
     total = 0.0
     for s in range(0, len(targets), rows_per_step):
         lg = logits[s:s + rows_per_step]

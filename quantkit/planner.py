@@ -84,6 +84,21 @@ def resolve_gpu(name: str) -> str:
                     f"; known: {', '.join(table)}", fix=f"add it to {GPUS_FILE}")
 
 
+def gpu_key_for_device(device_name: str) -> str:
+    """The gpus.yaml key of a CUDA device name: "NVIDIA H200" -> H200-141GB, "NVIDIA A100-SXM4-80GB" -> A100-80GB,
+    "NVIDIA GeForce RTX 4090" -> RTX4090-24GB; UserError where gpus.yaml has no single match."""
+    import re
+
+    words = [w.lower() for w in re.split(r"[\s_-]+", device_name) if w and w.lower() != "nvidia"]
+    names = set(words) | {a + b for a, b in zip(words, words[1:])}  # "RTX 4090" -> rtx4090
+    hits = [k for k in gpu_table() if k.split("-")[0].lower() in names]
+    if len(hits) > 1:  # several sizes of one model: the size in the name decides
+        hits = [k for k in hits if k.split("-")[-1].lower() in words]
+    if len(hits) != 1:
+        raise UserError(f"GPU {device_name!r} is not in {GPUS_FILE.name}", fix=f"add it to {GPUS_FILE}")
+    return hits[0]
+
+
 def plan_rows(shape: ModelShape, candidates: list[Candidate], gpu: str, gpus: int, batch: int, context: int,
               kv_dtype_bytes: float = 2, reserve_pct: float = 10.0) -> list[dict]:
     table = gpu_table()

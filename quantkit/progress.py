@@ -2,8 +2,10 @@
 
 The time left is a sum of per-target estimates: each format states its own rough produce cost (`Format.cost`,
 seconds on 2 CPU cores per 100M parameters), evaluation is priced per scored token, and both are corrected by
-what the finished targets actually took on this host (their manifests' `build.wall_s`). It is a console aid,
-not a measurement: nothing here is stored.
+what the finished targets actually took on this host (their manifests' `build.wall_s`). On a CUDA host the
+produce costs come from the build planner instead (quantkit/build_plan.py: per-layer costs measured on the H200,
+scaled to this GPU's row of gpus.yaml): a 2-CPU-core figure there read "674 min" for a 72 s 8B build. It is a
+console aid, not a measurement: nothing here is stored.
 """
 from __future__ import annotations
 
@@ -17,6 +19,25 @@ from quantkit import report
 # (the demo's baseline); throughput adds a few seconds. Seconds per (token x parameter), and per artifact.
 EVAL_S_PER_TOKEN_PARAM = 1.2 / (512 * 1.35e8)
 THROUGHPUT_S = 6.0
+# On a GPU: perplexity is seconds; the compiled engine's warm-up and CUDA-graph capture dominate (H200 demo: ~15 s)
+GPU_EVAL_S = 15.0
+
+
+def gpu_produce_estimates(loaded, config: dict, host) -> tuple[dict[str, float], str] | None:
+    """Produce seconds per target from the build planner for this host's GPU (placement.Host), and the label;
+    None where the host has no CUDA device or its GPU is not in gpus.yaml (the CPU estimate stays)."""
+    if not host.cuda_devices or not host.gpu_name:
+        return None
+    from quantkit import build_plan, planner
+    from quantkit.errors import UserError
+
+    try:
+        gpu = planner.gpu_key_for_device(host.gpu_name)
+        needs = build_plan.plan_recipe(loaded, config, gpu, host.cuda_devices, host.host_available)
+    except (UserError, KeyError, ValueError):
+        return None
+    return ({n.target: n.minutes * 60 for n in needs if n.how != "?"},
+            f"on {host.cuda_devices} x {gpu} (build planner)")
 
 
 @dataclass
@@ -48,14 +69,28 @@ class BuildProgress:
         eval_s = EVAL_S_PER_TOKEN_PARAM * params * pass_tokens * (len(ev.perplexity.datasets) if ev.perplexity
                                                                    else 0)
         eval_s += THROUGHPUT_S if ev.throughput else 0
+        gpu, where = self._gpu_estimates(ctx), "on 2 CPU cores"
+        if gpu:
+            (gpu, where), eval_s = gpu, GPU_EVAL_S
         for p in plans:
             produce = p.fmt.estimate_s(p.opts, params=params, calib_tokens=calib_tokens, pass_tokens=pass_tokens)
+            produce = (gpu or {}).get(p.opts.name, produce)
             self.items[p.opts.name] = _Item(p.opts.name, produce + eval_s, p.artifact_id in cached_ids)
         todo = [i for i in self.items.values() if not i.cached]
         if todo:
             est = _duration(sum(i.estimate_s for i in todo))
             self.console.print(f"{len(todo)} to build, {len(self.items) - len(todo)} in store; estimated {est} "
-                               "on 2 CPU cores", highlight=False, soft_wrap=True)
+                               f"{where}", highlight=False, soft_wrap=True)
+
+    @staticmethod
+    def _gpu_estimates(ctx):
+        from quantkit.placement import probe
+        from quantkit.planner import recipe_config
+
+        host = probe()
+        if not host.cuda_devices:
+            return None
+        return gpu_produce_estimates(ctx.loaded, recipe_config(ctx.recipe.model, ctx.loaded.path.parent), host)
 
     def finished(self, manifest: dict) -> None:
         item = self.items.get(manifest["target"]["name"])  # by name: a Ray worker may re-key its plan

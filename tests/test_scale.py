@@ -222,6 +222,37 @@ def test_plan_builds_offline_for_one_h200_and_eight_h100(recipe):
 def test_plan_refuses_in_one_line_when_a_target_cannot_fit():
     r = run_cli("plan", "recipes/llama70b-awq.yaml", "--gpu", "RTX4090", "--host-ram", "8GB")
     _one_line_exit_2(r, "cannot be built here", "host RAM")
+
+
+@pytest.mark.parametrize("device, key", [("NVIDIA H200", "H200-141GB"), ("NVIDIA H100 80GB HBM3", "H100-80GB"),
+                                         ("NVIDIA A100-SXM4-40GB", "A100-40GB"), ("NVIDIA GeForce RTX 4090",
+                                                                                  "RTX4090-24GB")])
+def test_a_cuda_device_name_maps_to_its_gpus_yaml_row(device, key):
+    from quantkit.planner import gpu_key_for_device
+
+    assert gpu_key_for_device(device) == key
+
+
+def test_a_gpu_build_estimates_its_time_with_the_build_planner_not_two_cpu_cores():
+    """H200 run 5: the console said "estimated 674 min 06 s on 2 CPU cores" for a 72 s GPTQ build of 8B x 8 layers."""
+    from quantkit.build_plan import plan_recipe
+    from quantkit.formats import get_format
+    from quantkit.planner import recipe_config
+    from quantkit.progress import gpu_produce_estimates
+    from quantkit.recipe.loader import load_recipe
+
+    loaded = load_recipe(ROOT / "recipes/llama8b-all.yaml")
+    config = recipe_config(loaded.recipe.model, loaded.path.parent)
+    h200 = Host(1, "NVIDIA H200", 141e9, 128e9)
+    seconds, label = gpu_produce_estimates(loaded, config, h200)
+    assert label == "on 1 x H200-141GB (build planner)"
+    planned = {n.target: n.minutes * 60 for n in plan_recipe(loaded, config, "H200-141GB", 1, 128e9)}
+    assert seconds["gptq-w4-g128"] == planned["gptq-w4-g128"]
+    gptq = next(t for t in loaded.targets if t.name == "gptq-w4-g128")
+    cpu = get_format("gptq").estimate_s(gptq, params=8.0e9, calib_tokens=128 * 2048, pass_tokens=0)
+    assert 60 < seconds["gptq-w4-g128"] < 1800 < cpu  # minutes on the H200, not the CPU's hours
+    assert gpu_produce_estimates(loaded, config, Host(0, None, 0, 128e9)) is None  # no CUDA: the CPU estimate
+    assert gpu_produce_estimates(loaded, config, Host(1, "NVIDIA B9000", 1e11, 128e9)) is None  # not in gpus.yaml
 # ---------------------------------------------------------------- bounded memory (the regression test)
 
 TARGETS = """\

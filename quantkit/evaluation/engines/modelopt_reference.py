@@ -29,10 +29,13 @@ KV_ATTENTION = "quantkit_fp8_kv"
 
 
 def fp8_roundtrip(x, scale):
-    """Quantize to FP8 E4M3 with a per-tensor scale and back (ModelOpt's fake quant, saturating)."""
+    """Quantize to FP8 E4M3 with a per-tensor scale and back (ModelOpt's fake quant, saturating), in float32
+    whatever x's dtype, as TensorRT-LLM's quantize kernels do (a bf16 copy of the scale would move the grid)."""
     import torch
 
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
+    s = scale.float()
+    q = (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * s).to(x.dtype)
 
 
 def int8_roundtrip(x, scale):
@@ -113,8 +116,8 @@ def _input_hook(kind: str | None):
         if hasattr(module, "_quantkit_pqs"):
             x = x * module._quantkit_pqs.to(x.dtype)
         if hasattr(module, "_quantkit_input_scale"):
-            s = module._quantkit_input_scale.to(x.dtype)
-            x = fp8_roundtrip(x, s) if kind == "fp8" else int8_roundtrip(x, s)
+            s = module._quantkit_input_scale
+            x = fp8_roundtrip(x, s) if kind == "fp8" else int8_roundtrip(x, s.to(x.dtype))
         return (x, *args[1:])
     return hook
 
@@ -127,8 +130,8 @@ def _register_fp8_kv_attention():
 
     def fp8_kv_sdpa(module, query, key, value, attention_mask, **kwargs):
         if hasattr(module, "_quantkit_k_scale"):
-            key = fp8_roundtrip(key, module._quantkit_k_scale.to(key.dtype))
-            value = fp8_roundtrip(value, module._quantkit_v_scale.to(value.dtype))
+            key = fp8_roundtrip(key, module._quantkit_k_scale)
+            value = fp8_roundtrip(value, module._quantkit_v_scale)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(KV_ATTENTION, fp8_kv_sdpa)

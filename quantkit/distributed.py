@@ -117,7 +117,10 @@ def run_distributed(ctx, modifiers: list, out_dir: Path) -> None:
 def describe_rank(r: dict) -> str:
     """One rank's record as the build log and manifest show it (scripts/bench_distributed.py reads it back)."""
     gpu = f", GPU peak {r['gpu_peak_allocated'] / 1e9:.2f} GB allocated" if r.get("gpu_peak_allocated") else ""
-    return (f"rank {r['rank']} {r['device']}: calibration samples {r['samples']}, load {r['load_s']:.1f} s, "
+    up = r.get("startup_s") or {}
+    start = (f"start-up {sum(up.values()):.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in up.items())}), "
+             if up else "")
+    return (f"rank {r['rank']} {r['device']}: {start}calibration samples {r['samples']}, load {r['load_s']:.1f} s, "
             f"oneshot {r['oneshot_s']:.1f} s, "
             f"save {r['save_s']:.1f} s{gpu}, host peak {r['vmhwm'] / 1e9:.2f} GB")
 
@@ -204,7 +207,10 @@ def _init_process_group() -> str:
 
 
 def rank_main(job_file: str) -> None:
-    import torch
+    import psutil
+
+    marks = [("born", psutil.Process().create_time())]  # where a rank's start-up goes (the H200's 8-layer pair:
+    import torch  # ~25 s of each rank outside load + oneshot + save)
     import torch.distributed as dist
     from compressed_tensors.offload import load_offloaded_model
     from llmcompressor import oneshot
@@ -215,9 +221,11 @@ def rank_main(job_file: str) -> None:
     from quantkit.sources.resolve import resolve_source
     from quantkit.util import quiet_llmcompressor
 
+    marks.append(("imports", time.time()))
     job = pickle.loads(Path(job_file).read_bytes())
     rank = int(os.environ["RANK"])
     backend = _init_process_group()
+    marks.append(("process group", time.time()))
     quiet_llmcompressor()
     sync_after_qparam_exchange()
     gptq_hessians_in_float64()
@@ -229,6 +237,7 @@ def rank_main(job_file: str) -> None:
     rows = rank_rows(len(ctx.calibration.input_ids), rank, int(os.environ["WORLD_SIZE"]))
     calib = ctx.oneshot_calibration_kwargs(rows)
     share = f"{len(rows)} of {len(ctx.calibration.input_ids)} (rows {rows.start}-{rows.stop - 1})"
+    marks.append(("source + calibration set", time.time()))
     t0 = time.perf_counter()
     with load_offloaded_model():
         model = AutoModelForCausalLM.from_pretrained(ctx.source.path, device_map="auto_offload", **kw)
@@ -245,6 +254,7 @@ def rank_main(job_file: str) -> None:
     record = {"rank": rank, "device": device, "backend": backend, "samples": share, "load_s": t1 - t0,
               "oneshot_s": t2 - t1,
               "save_s": t3 - t2, "vmhwm": hwm,
+              "startup_s": {b[0]: round(b[1] - a[1], 2) for a, b in zip(marks, marks[1:])},
               "gpu_peak_allocated": torch.cuda.max_memory_allocated() if backend == "nccl" else None}
     (Path(job_file).parent / f"rank{rank}.result").write_bytes(pickle.dumps(record))
     dist.barrier()

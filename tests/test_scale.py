@@ -190,6 +190,8 @@ def test_two_ranks_give_the_one_process_result(tmp_path):
             assert "2 processes (torch.distributed, gloo)" in m["build"]["devices"]["calibration"]
             ranks = m["build"]["devices"]["ranks"]
             assert "samples 4 of 8 (rows 0-3)" in ranks and "samples 4 of 8 (rows 4-7)" in ranks, ranks
+            # each rank says where its start-up went (imports, process group, source + calibration set)
+            assert ranks.count("start-up ") == 2 and "(imports " in ranks and "process group " in ranks, ranks
         layers[gpus] = read_compressed_tensors(st.materialize(m["id"], tmp_path / f"out{gpus}"))[0]
     assert sorted(layers[1]) == sorted(layers[2]) and len(layers[1]) == 21
     differing = total = 0

@@ -108,16 +108,17 @@ def test_check_rejects_broken_awq(tmp_path, breakage, expect):
     assert any(expect in p for p in problems), problems
 
 
-def _tiny_recipe(tmp_path: Path, model: Path, targets: str) -> Path:
+def _tiny_recipe(tmp_path: Path, model: Path, targets: str, dtype: str = "float32", calib: str = "2, seq_len: 32",
+                 seq_len: int = 64) -> Path:
     f = tmp_path / "tiny-trt.yaml"
     f.write_text(f"""\
 name: tiny-trt
-model: {{source: {model}, dtype: float32}}
-calibration: {{dataset: c4, num_samples: 2, seq_len: 32, seed: 0}}
+model: {{source: {model}, dtype: {dtype}}}
+calibration: {{dataset: c4, num_samples: {calib}, seed: 0}}
 baseline: false
 targets:
 {targets}
-eval: {{perplexity: {{datasets: [wikitext2], seq_len: 64, max_windows: 2}}}}
+eval: {{perplexity: {{datasets: [wikitext2], seq_len: {seq_len}, max_windows: 2}}}}
 store: {{uri: {tmp_path / 'store'}}}
 """)
     return f
@@ -276,17 +277,8 @@ def test_a_bf16_fp8_export_agrees_with_its_fake_quant_on_the_cpu(smollm2, tmp_pa
     """A bf16 model on the CPU (the H200 demo recipe rehearsed here): the exporter divides bf16 weights by a 0-dim
     float32 scale in bf16 (rounded twice on the way to FP8) and the engines score in float32 on the CPU. Before
     both were mirrored in the fake-quant scoring the check read -0.64 % (over its 0.5 %) on 2 windows."""
-    recipe = tmp_path / "bf16-trt.yaml"
-    recipe.write_text(f"""\
-name: bf16-trt
-model: {{source: {smollm2}, dtype: bfloat16}}
-calibration: {{dataset: c4, num_samples: 4, seq_len: 64, seed: 0}}
-baseline: false
-targets:
-  - {{name: trt-fp8, format: trtllm, scheme: fp8}}
-eval: {{perplexity: {{datasets: [wikitext2], seq_len: 512, max_windows: 2}}}}
-store: {{uri: {tmp_path / 'store'}}}
-""")
+    recipe = _tiny_recipe(tmp_path, smollm2, "  - {name: trt-fp8, format: trtllm, scheme: fp8}", dtype="bfloat16",
+                          calib="4, seq_len: 64", seq_len=512)
     r = run_cli("build", str(recipe), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     (m,) = Store(str(tmp_path / "store")).list()

@@ -145,6 +145,7 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
             console.print(f"placement: {ctx.placement.describe()}", highlight=False)
             for note in ctx.placement.notes:
                 console.print(f"  {note}", highlight=False)
+            _start_ranks(ctx, todo, executor)
         if progress:
             progress.planned(ctx, plans, {p.artifact_id for p in plans} - {p.artifact_id for p in todo})
         if todo:
@@ -191,10 +192,22 @@ def run_build(loaded: LoadedRecipe, *, only_target: list[str] | None = None, sto
         position = {m["id"]: order[m["target"]["name"]] for m in result.manifests}
         result.built.sort(key=position.__getitem__)
     finally:
+        if getattr(ctx, "ranks", None) is not None:
+            ctx.ranks.close()
         shutil.rmtree(workdir, ignore_errors=True)
     result.stages.append({"stage": "total", "wall_s": round(time.perf_counter() - t0, 2),
                           "peak_rss_mb": round(peak_rss_mb(), 1)})
     return result
+
+
+def _start_ranks(ctx: BuildContext, todo: list[Plan], executor: str | None) -> None:
+    """Several GPUs and a layer-by-layer calibration to do here: start its ranks now, so that their imports and
+    process group overlap the baseline and the calibration set (quantkit/distributed.py, Ranks)."""
+    from quantkit.distributed import Ranks
+
+    walks = [p for p in todo if (p.fmt.build_profile(p.opts) or ("",))[0] == "layerwise"]
+    if ctx.placement.gpus > 1 and walks and not ctx.architecture.moe and executor in (None, "inprocess"):
+        ctx.ranks = Ranks(ctx.placement.gpus, ctx.workdir / "ranks-early")
 
 
 def _sanity(ctx: BuildContext, flag: bool, console: Console) -> dict:

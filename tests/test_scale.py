@@ -186,8 +186,8 @@ def test_two_ranks_give_the_one_process_result(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         st = Store(str(tmp_path / f"store{gpus}"))
         (m,) = [m for m in st.list() if m["target"]["name"] == "g"]
-        if gpus == 2:
-            assert "2 processes (torch.distributed, gloo)" in m["build"]["devices"]["calibration"]
+        if gpus == 2:  # the ranks were started with the build, before the calibration set (their imports overlap)
+            assert "2 processes (torch.distributed, gloo, started with the build)" in m["build"]["devices"]["calibration"]
             ranks = m["build"]["devices"]["ranks"]
             assert "samples 4 of 8 (rows 0-3)" in ranks and "samples 4 of 8 (rows 4-7)" in ranks, ranks
             # each rank says where its start-up went (imports, process group, source + calibration set)
@@ -204,6 +204,23 @@ def test_two_ranks_give_the_one_process_result(tmp_path):
         a, b = dequantize(one), dequantize(two)
         worst = max(worst, float((a - b).norm() / a.norm()))
     assert differing == 0 and worst == 0, (differing, total, worst)
+
+
+def test_ranks_started_with_a_build_that_fails_before_using_them_are_stopped(tmp_path):
+    """Ranks start with the build (quantkit/distributed.py, Ranks); AWQ over CPU ranks is then refused in one line
+    (each rank would rescale the weights all share): the waiting ranks must not outlive the build."""
+    import psutil
+
+    cfg = _tiny_config(tmp_path, 128, 256, layers=2)
+    recipe = _recipe(tmp_path, f'{{source: "dummy:{cfg}", dtype: float32, gpus: 2}}',
+                     "  - {name: a, format: awq, group_size: 32}", name="a2", calib="{num_samples: 4, seq_len: 32}")
+    r = run_cli("build", str(recipe), env={"QUANTKIT_CPU_RANKS": "2"})
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "AWQModifier over CPU ranks" in last and "model.gpus: 1" in last, last
+    left = [p for p in psutil.process_iter(["cmdline"]) if "quantkit.distributed" in " ".join(p.info["cmdline"] or [])
+            and "ranks-early" in " ".join(p.info["cmdline"] or [])]
+    assert not left, [p.info["cmdline"] for p in left]
 
 
 # ---------------------------------------------------------------- the build planner, offline

@@ -3,7 +3,7 @@
 # issue 11's demo on the H200, the 8B GGUF CUDA bench; docs/benchmarks/h200-x2/README.md):
 #   run(command="DEADLINE=500 bash scripts/gpu_session.sh", carry=[".gpu/c1"], kind="nvidia-h200-x2")
 #   run(command="DEADLINE=500 bash scripts/gpu_session.sh", carry=[".gpu/c2"])     ... within 30 s of the last
-# Each call stashes what its carry folder holds under /root/qk (kept while the machine stays warm: the 64 MiB
+# Each call stashes what its carry folder holds under $QK_STATE (default ~/qk; kept while the machine stays warm: the 64 MiB
 # per-call limit spreads the inputs over calls), installs new wheels, copies this checkout's code once per
 # content, starts every lane whose inputs and predecessors are ready (once per machine, in its own process
 # session, so it outlives the call), prints progress until DEADLINE seconds, then packs every lane's results
@@ -24,17 +24,17 @@
 # DRY=1: a CPU rehearsal (tiny shapes, no GPU, the CPU llama.cpp build). FAKE=1: the schedule alone.
 set -u
 R="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-S=${QK_STATE:-/root/qk}
-OUT=${OUT:-/tmp/out}
+S=${QK_STATE:-$HOME/qk}
+OUT=${OUT:-${TMPDIR:-/tmp}/out}  # the device tool sets OUT
 DEADLINE=${DEADLINE:-500}
 T0=$SECONDS
-mkdir -p "$S"/{stash/whl,res,log,done,hold,cache/sdist,work} "$OUT"
+mkdir -p "$S"/{stash/whl,res,log,done,hold,cache/sdist,scratch} "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 export QUANTKIT_CACHE=$S/cache QUANTKIT_DATA=$S/stash/data QUANTKIT_DEMO_MODEL=$S/stash/tok
 PY=${PY:-python3}
-SITE=${SITE:-/tmp/site}
+SITE=${SITE:-${TMPDIR:-/tmp}/site}  # where the wheels go (gpu_distributed.sh NO_WHEELS reads it there)
 . "$(dirname "${BASH_SOURCE[0]}")/lanes.sh"   # log, done_ok, poll_lanes
 
 # ---- stash this call's carry (every .gpu/c* folder that came) ----
@@ -138,7 +138,7 @@ launch() {
     fi
     # X8: issue 10's two-GPU run first, on quiet GPUs; its GPUs are free once both timed builds are over
     if [ -f "$S/stash/tok/tokenizer.json" ] && gpu_free 0 1; then
-        start X8 "0 1" "$X8_ENV DIST_PACK=$S/stash DIST_WORK=$S/work/dist8 BUDGET=1500 OUT=$S/res/X8 NO_WHEELS=1 \
+        start X8 "0 1" "$X8_ENV DIST_PACK=$S/stash DIST_WORK=$S/scratch/dist8 BUDGET=1500 OUT=$S/res/X8 NO_WHEELS=1 \
             bash scripts/gpu_distributed.sh"
     fi
     if started X8 && x8_builds_done; then
@@ -147,22 +147,22 @@ launch() {
     # M: the demo model from its GGUF (two parts, two calls), proven equal to the CPU host's import
     if [ -f "$S/stash/smollm2.gguf.part1" ] && [ -f "$S/stash/smollm2.gguf.part2" ]; then
         start M "" "test -f $S/models/smollm2-135m-instruct/config.json || { \
-            cat $S/stash/smollm2.gguf.part1 $S/stash/smollm2.gguf.part2 > $S/work/SmolLM2-135M-Instruct.Q4_1.gguf && \
-            sha256sum $S/work/SmolLM2-135M-Instruct.Q4_1.gguf > $S/res/M/gguf.sha256 && \
+            cat $S/stash/smollm2.gguf.part1 $S/stash/smollm2.gguf.part2 > $S/scratch/SmolLM2-135M-Instruct.Q4_1.gguf && \
+            sha256sum $S/scratch/SmolLM2-135M-Instruct.Q4_1.gguf > $S/res/M/gguf.sha256 && \
             CUDA_VISIBLE_DEVICES= $PY -X faulthandler scripts/gguf_import_checked.py import \
-              $S/work/SmolLM2-135M-Instruct.Q4_1.gguf $S/models/smollm2-135m-instruct --expect $S/stash/smollm2-hashes.json \
+              $S/scratch/SmolLM2-135M-Instruct.Q4_1.gguf $S/models/smollm2-135m-instruct --expect $S/stash/smollm2-hashes.json \
               > $S/res/M/import.json; }"
     fi
     x8_builds_done || return 0
     # B: issue 10's one-GPU targets on GPU 1 (gguf-q4km, late in its list, needs lane L's llama.cpp)
     if gpu_free 1; then
-        start B "1" "CUDA_VISIBLE_DEVICES=${B_GPU:-1} SCALE_WORK=$S/work/scale $PY scripts/bench_scale_gpu.py \
-            --out $S/res/B --deadline 100000 --jobs $B_JOBS $B_ARGS; cp $S/work/scale/logs/*.log $S/res/B/ 2>/dev/null; true"
+        start B "1" "CUDA_VISIBLE_DEVICES=${B_GPU:-1} SCALE_WORK=$S/scratch/scale $PY scripts/bench_scale_gpu.py \
+            --out $S/res/B --deadline 100000 --jobs $B_JOBS $B_ARGS; cp $S/scratch/scale/logs/*.log $S/res/B/ 2>/dev/null; true"
     fi
     # B0: more one-GPU targets on GPU 0 while lane D waits for llama.cpp (B0_JOBS; run 5: the AWQ pair, 70B GPTQ)
     if [ -n "${B0_JOBS:-}" ] && gpu_free 0; then
-        start B0 "0" "CUDA_VISIBLE_DEVICES=0 SCALE_WORK=$S/work/scale0 $PY scripts/bench_scale_gpu.py \
-            --out $S/res/B0 --deadline 100000 --jobs $B0_JOBS $B_ARGS; cp $S/work/scale0/logs/*.log $S/res/B0/ 2>/dev/null; true"
+        start B0 "0" "CUDA_VISIBLE_DEVICES=0 SCALE_WORK=$S/scratch/scale0 $PY scripts/bench_scale_gpu.py \
+            --out $S/res/B0 --deadline 100000 --jobs $B0_JOBS $B_ARGS; cp $S/scratch/scale0/logs/*.log $S/res/B0/ 2>/dev/null; true"
     fi
     # E: the engine helper's request (carried as E.sh), GPU 1 once lane B is over, alone on it
     if [ -f "$S/stash/E.sh" ] && done_ok B && gpu_free 1; then
@@ -170,7 +170,7 @@ launch() {
     fi
     # XD: the demo model, 1 rank vs 2 ranks: same perplexity (within 0.1 %); holds GPU 0, shares GPU 1 with B
     if done_ok M && gpu_free 0; then
-        start XD "0" "SOURCE=$S/models/smollm2-135m-instruct LAYERS=0 $XD_ENV DIST_PACK=$S/stash DIST_WORK=$S/work/distD \
+        start XD "0" "SOURCE=$S/models/smollm2-135m-instruct LAYERS=0 $XD_ENV DIST_PACK=$S/stash DIST_WORK=$S/scratch/distD \
             BUDGET=1200 OUT=$S/res/XD NO_WHEELS=1 bash scripts/gpu_distributed.sh"
     fi
     # D: the demo recipe on GPU 0, one process per group of targets (a target that fails stops its process only;
@@ -199,7 +199,7 @@ launch() {
     # llama.cpp CUDA benches on GPU 1 once lane B is done (the script waits for $S/done/G-gpu)
     DENSE=$(ls -d "$S"/cache/dummy/*-L32-*/ 2>/dev/null | head -1)
     if [ -n "${RUN_G:-}" ] && [ -n "$DENSE" ] && done_ok L; then  # run 4 measured it: RUN_G=1 to repeat
-        start G "" "touch ${DENSE%/}/.ready; GGUF_GPU=1 GGUF_WORK=$S/work/gguf8b THREADS=8 \
+        start G "" "touch ${DENSE%/}/.ready; GGUF_GPU=1 GGUF_WORK=$S/scratch/gguf8b THREADS=8 \
             bash scripts/gguf_bench_gpu.sh ${DENSE%/} $S/res/G $S/done/G-gpu"
     fi
     if started G && ! done_ok G && done_ok B && gpu_free 1 && [ ! -f "$S/done/G-gpu" ]; then

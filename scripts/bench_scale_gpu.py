@@ -86,8 +86,10 @@ def calibration_file(samples: int, seq_len: int) -> Path | None:
 
 
 def manifest_of(store: Path, target: str) -> dict | None:
-    for f in sorted((store / "manifests").glob(f"*.{target}.*.json")):
-        return json.loads(f.read_text())
+    """A GGUF target publishes one artifact per type, named TARGET-TYPE (gguf-q4km-q4_k_m)."""
+    for pattern in (f"*.{target}.*.json", f"*.{target}-*.json"):
+        for f in sorted((store / "manifests").glob(pattern)):
+            return json.loads(f.read_text())
     return None
 
 

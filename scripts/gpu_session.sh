@@ -115,6 +115,7 @@ else
     B_ARGS=""
     DEMO_GROUPS=("")  # every target in one process (its report is the table); a failure falls back below
 fi
+B_ARGS="$B_ARGS ${B_EXTRA:-}"  # e.g. B_EXTRA="--layers 8b:4,70b:4 --deadline 1000" (bench_scale_gpu.py's options)
 
 x8_builds_done() {  # both timed builds of X8 are over (its artifact comparison runs on the CPU after them)
     wanted X8 || return 0

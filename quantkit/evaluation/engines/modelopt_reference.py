@@ -66,18 +66,42 @@ def read_quant_config(path: Path) -> dict:
     return out
 
 
-def dequantize_state_dict(tensors: dict, qcfg: dict, dtype) -> tuple[dict, dict]:
-    """Dense weights for a plain HF model, plus per-module activation transforms {module: {pqs, input_scale,
-    act}} and KV scales {layer attention module: (k_scale, v_scale)} for the hooks."""
+class CheckpointTensors:
+    """The checkpoint's tensors by name, each read from its memory-mapped safetensors file when asked for and put
+    on `device`: the reference model is filled one tensor at a time, so host memory never holds the checkpoint
+    (a 70B export is ~40-140 GB; the whole-dict load held it twice beside the model: 9.5 GB of host for the
+    3.85 GB 8B x 4 checkpoint on the H200, run 6)."""
+
+    def __init__(self, path: Path, device="cpu"):
+        from safetensors import safe_open
+
+        self.device = device
+        self._handles = [safe_open(f, "pt") for f in sorted(path.glob("*.safetensors"))]
+        self._where = {k: h for h in self._handles for k in h.keys()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def __getitem__(self, name: str):
+        return self._where[name].get_tensor(name).to(self.device)
+
+    def keys(self):
+        return self._where.keys()
+
+
+def dequantized(tensors, qcfg: dict, dtype, hooks: dict):
+    """Yields (name, dense tensor) for a plain HF model, decoding each weight with its own scales where it lies
+    (`tensors[name]`: a dict or CheckpointTensors); fills hooks = {"acts": {module: {pqs, input_scale, kind}},
+    "kv": {attention module: {k_scale, v_scale}}} for the input/KV fake-quant hooks."""
     import torch
 
     algo = qcfg.get("quant_algo")
     group = qcfg.get("group_size")
-    dense, acts, kv = {}, {}, {}
-    for name, t in tensors.items():
+    acts, kv = hooks.setdefault("acts", {}), hooks.setdefault("kv", {})
+    for name in list(tensors.keys()):
         mod, _, leaf = name.rpartition(".")
         if leaf == "weight" and f"{mod}.weight_scale" in tensors:
-            s = tensors[f"{mod}.weight_scale"].float()
+            t, s = tensors[name], tensors[f"{mod}.weight_scale"].float()
             if t.dtype == torch.float8_e4m3fn:  # FP8: per-tensor (or per-channel) scale
                 w = t.float() * (s if s.dim() == 0 else s.reshape(-1, 1))
             elif t.dtype == torch.int8 and algo and algo.startswith("W8A8"):  # INT8 SQ: per output channel
@@ -88,23 +112,24 @@ def dequantize_state_dict(tensors: dict, qcfg: dict, dtype) -> tuple[dict, dict]
                     w = fp8_roundtrip(w, tensors[f"{mod}.weight_scale_2"].float())
             else:
                 raise ValueError(f"{name}: cannot decode dtype {t.dtype} for quant_algo {algo}")
-            dense[name] = w.to(dtype)
+            int8_input = t.dtype == torch.int8
+            del t
+            yield name, w.to(dtype)
             act = {}
             if f"{mod}.pre_quant_scale" in tensors:
                 act["pqs"] = tensors[f"{mod}.pre_quant_scale"].float()
             if f"{mod}.input_scale" in tensors:
                 act["input_scale"] = tensors[f"{mod}.input_scale"].float()
-                act["kind"] = "int8" if t.dtype == torch.int8 else "fp8"
+                act["kind"] = "int8" if int8_input else "fp8"
             if act:
                 acts[mod] = act
         elif leaf in ("k_scale", "v_scale"):
-            attn = mod.rpartition(".")[0]
-            kv.setdefault(attn, {})[leaf] = t.float()
+            kv.setdefault(mod.rpartition(".")[0], {})[leaf] = tensors[name].float()
         elif leaf in ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "output_scale"):
             continue
         else:
-            dense[name] = t.to(dtype) if t.is_floating_point() else t
-    return dense, {"acts": acts, "kv": kv}
+            t = tensors[name]
+            yield name, t.to(dtype) if t.is_floating_point() else t
 
 
 def _input_hook(kind: str | None):
@@ -137,44 +162,51 @@ def _register_fp8_kv_attention():
     AttentionInterface.register(KV_ATTENTION, fp8_kv_sdpa)
 
 
-def build_reference_model(path: Path, dtype, trust_remote_code: bool = False):
-    """A plain HF model holding the decoded weights, with input/KV fake-quant hooks as the checkpoint defines."""
+def build_reference_model(path: Path, dtype, trust_remote_code: bool = False, device="cpu"):
+    """A plain HF model holding the decoded weights, with input/KV fake-quant hooks as the checkpoint defines.
+    Built directly on `device` and filled tensor by tensor (CheckpointTensors): one copy of the model, there."""
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     qcfg = read_quant_config(path)
-    tensors = {}
-    for f in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    dense, hooks = dequantize_state_dict(tensors, qcfg, dtype)
+    tensors = CheckpointTensors(path, device)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):  # build the dense architecture, not a quantized one
         del config.quantization_config
-    if hooks["kv"]:
+    hooks: dict = {}
+    if any(k.endswith((".k_scale", ".v_scale")) for k in tensors.keys()):
         _register_fp8_kv_attention()
         config._attn_implementation = KV_ATTENTION
     try:  # the weights are all overwritten below: skip random init (it costs seconds on CPU)
         from transformers.initialization import no_init_weights
     except ImportError:
         no_init_weights = contextlib.nullcontext
-    with no_init_weights():
+    with torch.device(device), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     arch = architectures.for_config(config)
-    dense = {architectures.rename_legacy(k, arch): v for k, v in dense.items()}
-    hooks["acts"] = {architectures.rename_legacy(k + ".", arch)[:-1]: v for k, v in hooks["acts"].items()}
-    if any(".experts.0." in k for k in dense):
+    if any(".experts.0." in k for k in tensors.keys()):
         # ModelOpt exports one Linear per expert (experts.{i}.gate_proj ...), where transformers keeps them fused:
         # llm-compressor's linearized experts hold exactly those names, and the input hooks below need modules
         from llmcompressor.modeling.moe.linearize import linearize_moe
 
         linearize_moe(model)
-    missing, unexpected = model.load_state_dict(dense, strict=False)
+    params = model.state_dict(keep_vars=True)
+    loaded, unexpected = set(), []
+    with torch.no_grad():
+        for name, dense in dequantized(tensors, qcfg, dtype, hooks):
+            name = architectures.rename_legacy(name, arch)
+            if name not in params or params[name].shape != dense.shape:
+                unexpected.append(name)
+                continue
+            params[name].copy_(dense)
+            loaded.add(name)
+    missing = set(params) - loaded
     tied = {k for k in missing if k == "lm_head.weight" and architectures.tied(config)}
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"reference load of {path}: missing {sorted(set(missing) - tied)[:5]}, "
+    if missing - tied or unexpected:
+        raise ValueError(f"reference load of {path}: missing {sorted(missing - tied)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     model.tie_weights()
+    hooks["acts"] = {architectures.rename_legacy(k + ".", arch)[:-1]: v for k, v in hooks["acts"].items()}
     for mod, act in hooks["acts"].items():
         m = model.get_submodule(mod)
         for key in ("pqs", "input_scale"):
@@ -207,8 +239,8 @@ class ModelOptReferenceEngine:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # decoded weights are exact in fp32; on a GPU bf16 is what a server would run
         torch_dtype = torch.bfloat16 if device == "cuda" and dtype in ("auto", "bfloat16") else torch.float32
-        model, qcfg = build_reference_model(Path(path) / entry, torch_dtype, trust_remote_code)
-        handle = Loaded(model.to(device), device, str(torch_dtype).removeprefix("torch."))
+        model, qcfg = build_reference_model(Path(path) / entry, torch_dtype, trust_remote_code, device)
+        handle = Loaded(model, device, str(torch_dtype).removeprefix("torch."))
         handle.quant_config = qcfg
         return handle
 

@@ -124,8 +124,8 @@ def plan_build(arch: Arch, profiles: list[tuple[str, tuple[str, str] | None]], *
             per_layer /= calib_procs ** k.get("gpu_scaling", 0.9)
             secs = per_layer * arch.layers + c["fixed_s"] + weights / (c["load_gb_s"] * GB)
             # float64 Hessians per linear (quantkit/distributed.py gptq_hessians_in_float64: ranks reproduce one
-            # process); the solve of one linear adds its float32 copy and inverse: `hessian_copies` x 4 bytes.
-            # The fitted runs (h200-scale/fit.json) predate float64: their GPU peaks were ~1.6 GB (8B) lower.
+            # process); the solve of the largest linear adds float32 copies: `hessian_copies` x 4 bytes (fitted
+            # on run 6's float64 GPU peaks: 8B x 4 6.68 GB, 70B x 4 26.44 GB).
             sq = [i * i for i, _ in arch.linears()]
             hessians = (8 * sum(sq) + 4 * max(sq) * k.get("hessian_copies", 1)) if k.get("hessian") else 0
             layer_gpu = arch.layer_params * dtype_bytes + hessians
@@ -134,16 +134,25 @@ def plan_build(arch: Arch, profiles: list[tuple[str, tuple[str, str] | None]], *
             # per calibration sample held (AWQ caches the whole set): data-parallel ranks each hold their share
             acts = k["act_bytes_per_token_width"] * seq_len * (arch.hidden + arch.intermediate) / calib_procs
             gpu_need = max(layer_gpu, embed_gpu) + acts + c["cuda_context_gb"] * GB
-            host = base + weights + acts_cache
-            where = "host RAM"
+            # each llm-compressor rank holds the weights and its share of the cached activations (run 6, 8B x 32
+            # on 2 H200s: 22.4 GB per rank, 24.6 GB for one process), beside the parent's interpreter
+            host = calib_procs * (base + weights + acts_cache / calib_procs) + (base if calib_procs > 1 else 0)
+            where = "host RAM" if calib_procs == 1 else f"host RAM, one copy per rank ({calib_procs})"
             if offload == "disk" or (offload == "auto" and host * HEADROOM > host_ram):
-                host, where = base + acts_cache + arch.layer_params * dtype_bytes * 2, "disk (offloaded)"
+                host = calib_procs * (base + acts_cache / calib_procs + arch.layer_params * dtype_bytes * 2) + \
+                    (base if calib_procs > 1 else 0)
+                where = "disk (offloaded)"
             n = Need(name, how, alg, where, host / GB, gpu_need / GB, secs / 60, True)
         elif how == "whole":
             fwd = 2 * arch.params * tokens / bf16
             secs = k["time_factor"] * fwd * k.get("forward_passes", 1) + c["fixed_s"] + weights / (c["load_gb_s"] * GB)
+            # GGUF with an importance matrix: convert_hf_to_gguf.py writes the F16 GGUF and llama-quantize reads
+            # it back, both streaming the weights on the CPU around llama-imatrix's forward
+            secs += k.get("convert_passes", 0) * weights / (c["model_free_gb_s"] * GB)
             on_gpu = weights * HEADROOM <= gpu_cap * gpus
-            host = base + (0 if on_gpu else weights - gpu_cap * gpus * 0.9)
+            # host_weights: the share of the weights the process holds on the host meanwhile (ModelOpt's export
+            # gathers the quantized state dict there)
+            host = base + k.get("host_weights", 0) * weights + (0 if on_gpu else weights - gpu_cap * gpus * 0.9)
             one = weights * HEADROOM <= gpu_cap  # placement.whole_model_device_map: one GPU when it fits
             gpu_need = min(weights * HEADROOM / (1 if one else gpus), gpu_cap) / GB  # per GPU
             where = ("GPU" if one else f"{gpus} GPUs (device_map=auto)") if on_gpu else \

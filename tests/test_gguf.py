@@ -104,7 +104,7 @@ def test_variants_and_manifests(built):
     if backend == "cuda" and torch.cuda.is_available():  # the GPU, named
         assert where.startswith(f"cuda:0 ({torch.cuda.get_device_name(0)})") or " x " in where, where
     else:
-        why = "no CUDA device visible" if backend == "cuda" else f"llama.cpp {backend} build"
+        why = "llama.cpp CUDA build, no CUDA device visible" if backend == "cuda" else f"llama.cpp {backend} build"
         assert where == f"cpu ({why}; {imat['info']['threads']} threads)", where
     for m in by_name.values():
         if m["engine"] != "llama.cpp":

@@ -160,9 +160,10 @@ def imatrix_placement(gguf_path: Path, threads: int) -> tuple[list[str], str]:
     from quantkit.placement import probe, whole_model_device_map
 
     backend = toolchain.backend_of(toolchain.find_tool("llama-imatrix"))
-    host = probe() if backend == "cuda" else None
+    # the same test as the llama.cpp engine's (toolchain.cuda_device_visible): a CUDA build with no device is cpu
+    host = probe() if backend == "cuda" and toolchain.cuda_device_visible() else None
     if host is None or not host.cuda_devices:
-        why = "no CUDA device visible" if backend == "cuda" else f"llama.cpp {backend} build"
+        why = "llama.cpp CUDA build, no CUDA device visible" if backend == "cuda" else f"llama.cpp {backend} build"
         return (["-ngl", "0"] if backend == "cuda" else []), f"cpu ({why}; {threads} threads)"
     device_map, where = whole_model_device_map(gguf_path.stat().st_size, host)
     if device_map == {"": 0}:

@@ -13,6 +13,7 @@ CMake options for the setup script, so the key is computed in one place.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -89,6 +90,32 @@ def backend_of(path: Path) -> str:
             if p.name == build_key(b):
                 return b
     return "unknown"
+
+
+def cuda_device_visible() -> bool:
+    """Whether this process can use a CUDA device. A CUDA build of llama.cpp asked for GPU layers on a host where
+    none is visible (GPUs hidden, no driver) falls back to the CPU by itself: records must not then say cuda.
+    Torch is consulted only when it is already imported (importing it costs seconds and, beside a CUDA build of
+    llama.cpp, crashes the binding: quantkit/toolchain/llama_cpp_scorer.py)."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None and cvd.strip() in ("", "-1"):
+        return False
+    if "torch" in sys.modules:
+        return bool(sys.modules["torch"].cuda.is_available())
+    return _nvidia_smi_lists_a_gpu()
+
+
+@functools.lru_cache(maxsize=None)  # one probe per process (tests: _nvidia_smi_lists_a_gpu.cache_clear())
+def _nvidia_smi_lists_a_gpu() -> bool:
+    """`nvidia-smi -L` prints one `GPU i: NAME (UUID ...)` line per device; no tool or no driver: none."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=15).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return any(line.startswith("GPU") for line in out.splitlines())
 
 
 def lib_dir() -> Path:

@@ -58,6 +58,11 @@ def score_row(llm, row: list[int]) -> float:
     return token_nll(llm.scores[:len(row) - 1], row[1:])
 
 
+# n_gpu_layers is the caller's decision, made where both the build and the device are known (the engine's
+# _gpu_layers(): a CUDA build AND a visible CUDA device); `device` labels that decision, and a crashed GPU child's
+# CPU restart relabels it.
+
+
 class InProcessScorer:
     def __init__(self, model_path: Path, n_ctx: int, threads: int, n_gpu_layers: int):
         self.llm = open_llama(model_path, n_ctx, threads, n_gpu_layers)

@@ -1,5 +1,6 @@
 """The llama.cpp engine: GGUF files measured by llama.cpp's own tools, from the one cached build
-(quantkit.toolchain.llama_cpp; a CUDA build on a GPU host offloads every layer, `-ngl 99`).
+(quantkit.toolchain.llama_cpp; a CUDA build offloads every layer, `-ngl 99`, when this process sees a CUDA device,
+else runs on the CPU with `-ngl 0` and the records say cpu and why).
 
 - `throughput`: `llama-bench -o json` (pp{prompt_len} and tg{gen_len}, the recipe's repetitions and threads).
 - `llama_perplexity`: llama.cpp's own perplexity protocol, `llama-perplexity -f FILE -c N --chunks K` (its
@@ -26,9 +27,24 @@ from quantkit.util import library_versions
 LLAMA_CPP_PROTOCOL = "llama.cpp-perplexity/1"
 
 
+def _offload() -> tuple[int, str | None]:
+    """(GPU layers, why the CPU where a CUDA build runs there). All layers on the GPU with a CUDA build and a visible
+    CUDA device (llama-bench's -ngl 99); none otherwise: a CUDA build with no device falls back to the CPU by itself,
+    so the build alone would label CPU numbers cuda."""
+    if toolchain.backend_of(toolchain.find_tool("llama-bench")) != "cuda":
+        return 0, None
+    if not toolchain.cuda_device_visible():
+        return 0, "llama.cpp CUDA build, no CUDA device visible"
+    return 99, None
+
+
 def _gpu_layers() -> int:
-    """All layers on the GPU with a CUDA build (llama-bench's -ngl 99), none with a CPU build."""
-    return 99 if toolchain.backend_of(toolchain.find_tool("llama-bench")) == "cuda" else 0
+    return _offload()[0]
+
+
+def _device_fields() -> dict:
+    ngl, why = _offload()
+    return {"device": "cuda" if ngl else "cpu", **({"device_note": why} if why else {})}
 
 
 @dataclass
@@ -105,6 +121,7 @@ class LlamaCppEngine:
                "prefill_stddev_tok_s": round(pp["stddev_ts"], 1), "decode_stddev_tok_s": round(tg["stddev_ts"], 2),
                "prefill_samples_tok_s": pp.get("samples_ts"), "decode_samples_tok_s": tg.get("samples_ts")}
         device = f"cuda:{pp['gpu_info']}" if ngl and pp.get("gpu_info") else "cpu"
+        # describe() carries the device_note (why the CPU) where a CUDA build sees no device
         return {**self.describe(handle), "device": device, "tool": "llama-bench", "threads": pp["n_threads"],
                 "kernels": pp.get("backends"), "cpu_info": pp.get("cpu_info"), "n_gpu_layers": ngl,
                 "build": {**build_info(), "commit": pp["build_commit"], "number": pp["build_number"]},
@@ -117,7 +134,7 @@ class LlamaCppEngine:
                 "n_ubatch": pp["n_ubatch"]}
 
     def describe(self, handle: Loaded) -> dict:
-        return {"engine": "llama.cpp", "device": "cuda" if _gpu_layers() else "cpu", **handle.scored_on,
+        return {"engine": "llama.cpp", **_device_fields(), **handle.scored_on,
                 "dtype": gguf_summary(handle.path).file_type(), "threads": handle.threads,
                 # the sdist's vendored llama.cpp has no git metadata (llama-bench says commit "unknown"): the pin is
                 # the version

@@ -162,9 +162,11 @@ def main() -> int:
             if calib is None or not dirs.get(shape):
                 results.append({"shape": shape, "job": job, "skipped": "no calibration cache / model"})
                 continue
+            # direct-gptq: the same float64 Hessians as quantkit; direct-gptq-f32: stock llm-compressor
+            kind, _, variant = job.removeprefix("direct-").partition("-")
             rec = run([PY, str(ROOT / "scripts/direct_oneshot.py"), dirs[shape], str(calib),
-                       str(work / f"direct-{shape}-{job}"), job.removeprefix("direct-")], logs / f"{shape}-{job}.log",
-                      left)
+                       str(work / f"direct-{shape}-{job}"), kind] + (["--hessians", "float32"] if variant == "f32"
+                                                                     else []), logs / f"{shape}-{job}.log", left)
         else:
             rec = run(build + [str(recipes[shape]), "--target", job, "--json"], logs / f"{shape}-{job}.log", left)
             m = manifest_of(work / f"store-{shape}", job)

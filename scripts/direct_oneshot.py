@@ -1,7 +1,12 @@
 """llm-compressor's `oneshot` called directly, as its examples do, on the same model, modifiers and calibration
 tokens as a quantkit target: the reference for quantkit's overhead (quantkit produce / direct <= 1.05).
 
-    python scripts/direct_oneshot.py MODEL_DIR CALIB.safetensors OUT_DIR gptq|awq [--group 128]
+    python scripts/direct_oneshot.py MODEL_DIR CALIB.safetensors OUT_DIR gptq|awq [--group 128] [--hessians float32]
+
+GPTQ: quantkit accumulates its Hessians in float64 (quantkit/distributed.py: N ranks then reproduce one process
+bit for bit), which llm-compressor does in float32; `--hessians float64` (the default) applies the same change
+here so both sides do the same work, `--hessians float32` times stock llm-compressor (run 6 measured that one:
+quantkit / stock 1.09 on the produce span at 8B x 4, the float64 accumulation included).
 
 Times the same span quantkit's `produce` covers (from_pretrained .. save_pretrained) and prints one JSON line.
 """
@@ -37,7 +42,12 @@ def main() -> int:
     ap.add_argument("out")
     ap.add_argument("kind", choices=["gptq", "awq"])
     ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--hessians", choices=["float64", "float32"], default="float64")
     a = ap.parse_args()
+    if a.kind == "gptq" and a.hessians == "float64":
+        from quantkit.distributed import gptq_hessians_in_float64
+
+        gptq_hessians_in_float64()
     import datasets
     import torch
     from llmcompressor import oneshot
@@ -57,7 +67,7 @@ def main() -> int:
     model.save_pretrained(a.out, save_compressed=True)
     wall = time.perf_counter() - t0
     hwm = next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:"))
-    rec = {"direct": a.kind, "produce_s": round(wall, 2), "samples": ids.shape[0], "seq_len": ids.shape[1],
+    rec = {"direct": a.kind, "hessians": a.hessians if a.kind == "gptq" else None, "produce_s": round(wall, 2), "samples": ids.shape[0], "seq_len": ids.shape[1],
            "vmhwm": hwm}
     if torch.cuda.is_available():
         rec["gpu_peak_allocated"] = torch.cuda.max_memory_allocated()

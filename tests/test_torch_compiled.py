@@ -90,14 +90,11 @@ def test_every_artifact_scores_like_its_own_engine(built):
 
 def _oracle_weights(m, path) -> dict[str, torch.Tensor]:
     """Dequantized weights from the independent readers (not the engine's mapping of them)."""
-    from quantkit.evaluation.engines.modelopt_reference import dequantize_state_dict, read_quant_config
+    from quantkit.evaluation.engines.modelopt_reference import CheckpointTensors, dequantized, read_quant_config
     from quantkit.formats.layouts.compressed_tensors import dequantize, read_compressed_tensors
 
     if (path / "hf_quant_config.json").exists():
-        from safetensors.torch import load_file
-
-        dense, _ = dequantize_state_dict(load_file(str(path / "model.safetensors")), read_quant_config(path),
-                                         torch.float32)
+        dense = dict(dequantized(CheckpointTensors(path), read_quant_config(path), torch.float32, {}))
         return {k.removesuffix(".weight"): v for k, v in dense.items() if k.endswith("proj.weight")}
     fmt = json.loads((path / "config.json").read_text())["quantization_config"]["format"]
     if fmt == "pack-quantized":

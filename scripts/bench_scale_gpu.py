@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def main() -> int:
     a = ap.parse_args()
     start = time.monotonic()
     a.out.mkdir(parents=True, exist_ok=True)
-    work = Path(os.environ.get("SCALE_WORK", "/tmp/scale-work"))
+    work = Path(os.environ.get("SCALE_WORK") or Path(tempfile.gettempdir()) / "scale-work")
     logs = work / "logs"  # the device returns 8 files at most: logs go back as one tarball
     logs.mkdir(parents=True, exist_ok=True)
     if a.smoke:

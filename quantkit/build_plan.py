@@ -134,10 +134,11 @@ def plan_build(arch: Arch, profiles: list[tuple[str, tuple[str, str] | None]], *
             # per calibration sample held (AWQ caches the whole set): data-parallel ranks each hold their share
             acts = k["act_bytes_per_token_width"] * seq_len * (arch.hidden + arch.intermediate) / calib_procs
             gpu_need = max(layer_gpu, embed_gpu) + acts + c["cuda_context_gb"] * GB
-            # each llm-compressor rank holds the weights and its share of the cached activations (run 6, 8B x 32
-            # on 2 H200s: 22.4 GB per rank, 24.6 GB for one process), beside the parent's interpreter
-            host = calib_procs * (base + weights + acts_cache / calib_procs) + (base if calib_procs > 1 else 0)
-            where = "host RAM" if calib_procs == 1 else f"host RAM, one copy per rank ({calib_procs})"
+            # ranks share one host copy of the weights (/dev/shm, quantkit/distributed.py); each adds its own
+            # interpreter and its share of the cached activations, beside the parent's interpreter (run 6, 8B x 32
+            # on 2 H200s: 22.4 GB RSS per rank, shared weights included; 24.6 GB for one process)
+            host = weights + calib_procs * (base + acts_cache / calib_procs) + (base if calib_procs > 1 else 0)
+            where = "host RAM" if calib_procs == 1 else f"host RAM, shared by {calib_procs} ranks"
             if offload == "disk" or (offload == "auto" and host * HEADROOM > host_ram):
                 host = calib_procs * (base + acts_cache / calib_procs + arch.layer_params * dtype_bytes * 2) + \
                     (base if calib_procs > 1 else 0)

@@ -160,8 +160,7 @@ def imatrix_placement(gguf_path: Path, threads: int) -> tuple[list[str], str]:
     from quantkit.placement import probe, whole_model_device_map
 
     backend = toolchain.backend_of(toolchain.find_tool("llama-imatrix"))
-    # the same test as the llama.cpp engine's (toolchain.cuda_device_visible): a CUDA build with no device is cpu
-    host = probe() if backend == "cuda" and toolchain.cuda_device_visible() else None
+    host = probe() if backend == "cuda" else None  # probe() sees the devices this process can use
     if host is None or not host.cuda_devices:
         why = "llama.cpp CUDA build, no CUDA device visible" if backend == "cuda" else f"llama.cpp {backend} build"
         return (["-ngl", "0"] if backend == "cuda" else []), f"cpu ({why}; {threads} threads)"
